@@ -1,0 +1,475 @@
+"""Typed configuration: dataclasses loaded from YAML, overridable with ``--set section.key=value``.
+
+Every field is validated after loading; an error names the key, the value and what is allowed.
+Unknown keys are errors too (a typo must never silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range; the message says how to fix it."""
+
+
+# --------------------------------------------------------------------------- validation helpers
+
+
+def check_range(key: str, value: float, lo: float | None = None, hi: float | None = None,
+                lo_open: bool = False, hi_open: bool = False) -> None:
+    bad = False
+    if lo is not None:
+        bad |= value <= lo if lo_open else value < lo
+    if hi is not None:
+        bad |= value >= hi if hi_open else value > hi
+    if bad:
+        left = "(" if lo_open else "["
+        right = ")" if hi_open else "]"
+        lo_s = "-inf" if lo is None else f"{lo:g}"
+        hi_s = "inf" if hi is None else f"{hi:g}"
+        raise ConfigError(f"{key} = {value!r} is out of range; allowed: {left}{lo_s}, {hi_s}{right}")
+
+
+def check_choice(key: str, value: Any, choices: Iterable[Any]) -> None:
+    choices = list(choices)
+    if value not in choices:
+        raise ConfigError(f"{key} = {value!r} is not allowed; choose one of {choices}")
+
+
+def check_pair(key: str, pair: tuple[float, float], lo: float | None = None, hi: float | None = None) -> None:
+    if len(pair) != 2:
+        raise ConfigError(f"{key} = {pair!r} must be a pair [low, high]")
+    check_range(f"{key}[0]", pair[0], lo, hi)
+    check_range(f"{key}[1]", pair[1], lo, hi)
+    if pair[0] > pair[1]:
+        raise ConfigError(f"{key} = {list(pair)} has low > high; write it as [low, high]")
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None  # None: RAY_ADDRESS or a new local cluster
+    num_cpus: int | None = None  # only for a new local cluster
+    num_gpus: int | None = None
+
+    def validate(self, p: str = "ray") -> None:
+        if self.num_cpus is not None:
+            check_range(f"{p}.num_cpus", self.num_cpus, 1)
+        if self.num_gpus is not None:
+            check_range(f"{p}.num_gpus", self.num_gpus, 0)
+
+
+@dataclass
+class StorageConfig:
+    """Where S3-compatible storage lives. Credentials are read from the environment only."""
+
+    endpoint_url: str | None = None  # else AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3
+    region: str | None = None  # else AWS_REGION / AWS_DEFAULT_REGION
+
+    def validate(self, p: str = "storage") -> None:
+        if self.endpoint_url is not None and "://" not in self.endpoint_url:
+            raise ConfigError(f"{p}.endpoint_url = {self.endpoint_url!r} needs a scheme, e.g. http://127.0.0.1:9000")
+
+
+@dataclass
+class AugmentConfig:
+    flips: bool = True
+    rot90: bool = True
+    crop_scale: tuple[float, float] = (0.6, 1.0)  # random-resized-crop area fraction; (1, 1) disables
+
+    def validate(self, p: str = "data.augment") -> None:
+        check_pair(f"{p}.crop_scale", self.crop_scale, 0.05, 1.0)
+
+
+@dataclass
+class GradientConfig:
+    """The gradient-domain operator that makes the target-encoder input ∇x (METHOD.md §2)."""
+
+    domain: str = "gradient-by-ratio"  # gradient-by-ratio | sobel | identity
+    radii: tuple[int, ...] = (5, 9, 13, 17)
+    eps: float = 1e-2
+    fuse: str = "mean"  # how scales fuse to one map per channel: mean | max
+
+    def validate(self, p: str = "gradient") -> None:
+        check_choice(f"{p}.domain", self.domain, ["gradient-by-ratio", "sobel", "identity"])
+        if not self.radii:
+            raise ConfigError(f"{p}.radii is empty; give at least one radius, e.g. [5, 9, 13, 17]")
+        for i, r in enumerate(self.radii):
+            check_range(f"{p}.radii[{i}]", r, 1, 64)
+        check_range(f"{p}.eps", self.eps, 0, 1, lo_open=True)
+        check_choice(f"{p}.fuse", self.fuse, ["mean", "max"])
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # a shard dataset: local path, file:// or s3://bucket/prefix
+    img_size: int = 64  # chips are cropped/resized to this before the model
+    channels: int = 1
+    conditioning: str = "log"  # amplitude | log | db
+    transform_placement: str = "device"  # where ∇x is computed: data (Ray Data CPU workers) | device
+    batch_size: int = 32  # per worker
+    shuffle_buffer: int = 512  # local shuffle buffer, in chips
+    seed: int = 0
+    max_bad_fraction: float = 0.01  # stop the run when more rows than this are bad
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def validate(self, p: str = "data") -> None:
+        check_range(f"{p}.img_size", self.img_size, 8, 4096)
+        check_range(f"{p}.channels", self.channels, 1, 64)
+        check_choice(f"{p}.conditioning", self.conditioning, ["amplitude", "log", "db"])
+        check_choice(f"{p}.transform_placement", self.transform_placement, ["data", "device"])
+        check_range(f"{p}.batch_size", self.batch_size, 1, 65536)
+        check_range(f"{p}.shuffle_buffer", self.shuffle_buffer, 0)
+        check_range(f"{p}.max_bad_fraction", self.max_bad_fraction, 0.0, 1.0)
+        self.augment.validate(f"{p}.augment")
+
+
+@dataclass
+class MaskConfig:
+    """I-JEPA multi-block masking (METHOD.md §3)."""
+
+    num_context_blocks: int = 1
+    context_scale: tuple[float, float] = (0.85, 1.0)
+    num_target_blocks: int = 4
+    target_scale: tuple[float, float] = (0.15, 0.2)
+    target_aspect: tuple[float, float] = (0.75, 1.5)
+    min_keep: int = 10
+
+    def validate(self, p: str = "mask") -> None:
+        check_range(f"{p}.num_context_blocks", self.num_context_blocks, 1, 16)
+        check_pair(f"{p}.context_scale", self.context_scale, 0.0, 1.0)
+        check_range(f"{p}.num_target_blocks", self.num_target_blocks, 1, 16)
+        check_pair(f"{p}.target_scale", self.target_scale, 0.0, 1.0)
+        check_pair(f"{p}.target_aspect", self.target_aspect, 0.1, 10.0)
+        check_range(f"{p}.min_keep", self.min_keep, 1)
+
+
+@dataclass
+class ModelConfig:
+    encoder: str = "vit_tiny"  # vit_tiny | vit_small | vit_base (timm VisionTransformer widths)
+    patch_size: int = 8
+    depth: int | None = None  # override the architecture's depth (tiny models in tests)
+    predictor_dim: int = 96
+    predictor_depth: int = 6
+    predictor_heads: int = 3
+    target_mode: str = "ema-gradient"  # ema-gradient | ema-pixel | gradient-features
+    context_domain: str = "raw"  # raw | gradient: what the context encoder sees
+    drop_path: float = 0.0
+
+    def validate(self, p: str = "model") -> None:
+        check_choice(f"{p}.encoder", self.encoder, ["vit_tiny", "vit_small", "vit_base", "vit_large"])
+        check_choice(f"{p}.patch_size", self.patch_size, [4, 8, 14, 16, 32])
+        if self.depth is not None:
+            check_range(f"{p}.depth", self.depth, 1, 48)
+        check_range(f"{p}.predictor_dim", self.predictor_dim, 8, 4096)
+        check_range(f"{p}.predictor_depth", self.predictor_depth, 1, 48)
+        check_range(f"{p}.predictor_heads", self.predictor_heads, 1, 64)
+        if self.predictor_dim % self.predictor_heads:
+            raise ConfigError(f"{p}.predictor_dim = {self.predictor_dim} must be divisible by "
+                              f"{p}.predictor_heads = {self.predictor_heads}")
+        check_choice(f"{p}.target_mode", self.target_mode, ["ema-gradient", "ema-pixel", "gradient-features"])
+        check_choice(f"{p}.context_domain", self.context_domain, ["raw", "gradient"])
+        check_range(f"{p}.drop_path", self.drop_path, 0.0, 1.0, hi_open=True)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up then cosine lr, cosine weight decay, EMA ramp (METHOD.md §4)."""
+
+    lr: float = 1e-3
+    start_lr: float = 2e-4
+    final_lr: float = 1e-6
+    warmup_fraction: float = 0.1  # of total steps
+    weight_decay: float = 0.04
+    final_weight_decay: float = 0.4
+    betas: tuple[float, float] = (0.9, 0.95)
+    ema: tuple[float, float] = (0.996, 1.0)  # τ ramps linearly from [0] to [1]
+    grad_clip: float = 1.0  # 0 disables
+
+    def validate(self, p: str = "optim") -> None:
+        check_range(f"{p}.lr", self.lr, 0, 10, lo_open=True)
+        check_range(f"{p}.start_lr", self.start_lr, 0, 10)
+        check_range(f"{p}.final_lr", self.final_lr, 0, 10)
+        check_range(f"{p}.warmup_fraction", self.warmup_fraction, 0.0, 1.0)
+        check_range(f"{p}.weight_decay", self.weight_decay, 0.0, 10.0)
+        check_range(f"{p}.final_weight_decay", self.final_weight_decay, 0.0, 10.0)
+        check_pair(f"{p}.betas", self.betas, 0.0, 0.99999)
+        check_pair(f"{p}.ema", self.ema, 0.0, 1.0)
+        check_range(f"{p}.grad_clip", self.grad_clip, 0.0)
+
+
+@dataclass
+class TrainConfig:
+    name: str = "sarjepa-pretrain"  # relaunching with the same name resumes
+    storage_path: str = "runs"  # checkpoints and results: local path or s3://bucket/prefix
+    steps: int = 1000  # total optimiser steps
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    checkpoint_every: int = 200
+    num_to_keep: int = 2
+    max_failures: int = 0
+    log_every: int = 10
+    amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
+    compile: bool = False  # torch.compile the model
+    seed: int = 0
+
+    def validate(self, p: str = "train") -> None:
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"{p}.name = {self.name!r} must be a non-empty name without '/'")
+        check_range(f"{p}.steps", self.steps, 1)
+        check_range(f"{p}.num_workers", self.num_workers, 1, 4096)
+        check_range(f"{p}.cpus_per_worker", self.cpus_per_worker, 0.0, 256.0)
+        check_range(f"{p}.checkpoint_every", self.checkpoint_every, 1)
+        check_range(f"{p}.num_to_keep", self.num_to_keep, 1)
+        check_range(f"{p}.max_failures", self.max_failures, -1)
+        check_range(f"{p}.log_every", self.log_every, 1)
+
+
+@dataclass
+class TuneConfig:
+    name: str = "sarjepa-sweep"
+    storage_path: str = "runs"
+    num_samples: int = 1
+    max_concurrent_trials: int = 1
+    metric: str = "fewshot_acc"  # what the sweep ranks trials by
+    mode: str = "max"
+    # grid axes: dotted config keys -> list of values, e.g. {"mask.target_scale": [[0.1, 0.15], [0.15, 0.2]]}
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+
+    def validate(self, p: str = "tune") -> None:
+        check_range(f"{p}.num_samples", self.num_samples, 1)
+        check_range(f"{p}.max_concurrent_trials", self.max_concurrent_trials, 1)
+        check_choice(f"{p}.mode", self.mode, ["min", "max"])
+        for key, values in self.grid.items():
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"{p}.grid.{key} must be a non-empty list of values")
+
+
+@dataclass
+class FewshotConfig:
+    encoders: list[str] = field(default_factory=lambda: ["random-init"])  # checkpoint dirs, .safetensors, random-init
+    data: str = ""  # labelled shard dataset (the train pool, and the test set unless test_data is given)
+    test_data: str | None = None  # a second dataset as the test set
+    split_column: str | None = None  # metadata column that splits pool/test, e.g. depression_deg
+    train_values: list[Any] = field(default_factory=list)
+    test_values: list[Any] = field(default_factory=list)
+    test_fraction: float = 0.3  # seeded stratified split when neither of the above is given
+    shots: list[int] = field(default_factory=lambda: [1, 2, 5, 10, 20, 40])
+    seeds: int = 5
+    methods: list[str] = field(default_factory=lambda: ["linear", "knn", "prototype"])
+    feature_domain: str = "context"  # context | target: which domain feeds the EMA encoder
+    pooling: str = "mean"  # mean | cls
+    linear_epochs: int = 100
+    knn_k: int = 1
+    batch_size: int = 64
+    out: str = "runs/fewshot"
+    seed: int = 0
+
+    def validate(self, p: str = "fewshot") -> None:
+        if not self.encoders:
+            raise ConfigError(f"{p}.encoders is empty; list checkpoints, exports or 'random-init'")
+        for i, k in enumerate(self.shots):
+            check_range(f"{p}.shots[{i}]", k, 1)
+        check_range(f"{p}.seeds", self.seeds, 1)
+        check_range(f"{p}.test_fraction", self.test_fraction, 0.0, 1.0, lo_open=True, hi_open=True)
+        for m in self.methods:
+            check_choice(f"{p}.methods[]", m, ["linear", "knn", "prototype"])
+        check_choice(f"{p}.feature_domain", self.feature_domain, ["context", "target"])
+        check_choice(f"{p}.pooling", self.pooling, ["mean", "cls"])
+        check_range(f"{p}.linear_epochs", self.linear_epochs, 1)
+        check_range(f"{p}.knn_k", self.knn_k, 1)
+        check_range(f"{p}.batch_size", self.batch_size, 1)
+        if (self.split_column is None) != (not self.train_values and not self.test_values):
+            if self.split_column is None:
+                raise ConfigError(f"{p}.train_values/test_values need {p}.split_column")
+        if self.split_column is not None and (not self.train_values or not self.test_values):
+            raise ConfigError(f"{p}.split_column = {self.split_column!r} needs both {p}.train_values "
+                              f"and {p}.test_values")
+
+
+@dataclass
+class Config:
+    ray: RayConfig = field(default_factory=RayConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    gradient: GradientConfig = field(default_factory=GradientConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    fewshot: FewshotConfig = field(default_factory=FewshotConfig)
+
+    def validate(self) -> "Config":
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate(f.name)
+        if self.data.img_size % self.model.patch_size:
+            raise ConfigError(f"data.img_size = {self.data.img_size} must be a multiple of "
+                              f"model.patch_size = {self.model.patch_size}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_plain(self)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def to_plain(obj: Any) -> Any:
+    """Dataclasses/tuples to plain dicts/lists (YAML- and JSON-safe)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_plain(v) for k, v in obj.items()}
+    return obj
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(key, value, a)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping of fields, got {value!r}")
+        return _from_dict(tp, value, key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} = {value!r} must be a list")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{key} = {value!r} must have {len(args)} items")
+        return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} = {value!r} must be a list")
+        item = args[0] if args else Any
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} = {value!r} must be a mapping")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} = {value!r} must be true or false")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key} = {value!r} must be an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} = {value!r} must be a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} = {value!r} must be a string")
+        return value
+    return value
+
+
+def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            raise ConfigError(f"unknown config key {key!r}; known keys here: {sorted(names)}")
+        kwargs[k] = _coerce(key, v, hints[k])
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``section.key=value`` with the value parsed as YAML (so lists, numbers and null work)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {text!r} has no key before '='")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {exc}") from exc
+    return key, value
+
+
+def merge_tree(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in overrides.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "grid":
+            out[k] = merge_tree(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = (),
+                base: dict[str, Any] | None = None) -> Config:
+    """Defaults ← ``base`` ← YAML file ← ``--set`` overrides, then validated."""
+    tree: dict[str, Any] = dict(base or {})
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
+        tree = merge_tree(tree, loaded)
+    for text in overrides:
+        key, value = parse_override(text)
+        over: dict[str, Any] = {}
+        _set_dotted(over, key, value)
+        tree = merge_tree(tree, over)
+    try:
+        cfg = _from_dict(Config, tree)
+    except TypeError as exc:  # pragma: no cover - dataclass signature mismatch
+        raise ConfigError(str(exc)) from exc
+    return cfg.validate()
+
+
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    return _from_dict(Config, tree).validate()

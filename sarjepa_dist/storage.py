@@ -1,0 +1,215 @@
+"""One storage layer for every read and write: local paths, ``file://`` and ``s3://bucket/prefix``.
+
+S3-compatible stores are reached through pyarrow's S3 filesystem (Ray Data and Ray Train take it
+directly). Endpoint and credentials come from the standard AWS environment variables
+(``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``,
+``AWS_REGION``) or, for the endpoint and region only, from ``StorageConfig``. Credentials are never
+written to logs, manifests or outputs: ``redact`` scrubs them from any text that leaves the process.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import re
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
+
+
+class StorageError(OSError):
+    """A storage location cannot be read or written; the message names the URI."""
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    endpoint_url: str | None = None
+    region: str | None = None
+
+    @classmethod
+    def from_env(cls, endpoint_url: str | None = None, region: str | None = None) -> "S3Settings":
+        return cls(
+            endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"),
+            region=region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+        )
+
+
+_settings_override: S3Settings | None = None
+
+
+def configure(endpoint_url: str | None = None, region: str | None = None) -> None:
+    """Set endpoint/region from config for this process (environment still wins when unset here).
+
+    Also exported to the environment so Ray workers started from this process see the same store.
+    """
+    global _settings_override
+    _settings_override = S3Settings.from_env(endpoint_url, region)
+    if endpoint_url:
+        os.environ["AWS_ENDPOINT_URL"] = endpoint_url
+    if region:
+        os.environ["AWS_REGION"] = region
+
+
+def s3_settings() -> S3Settings:
+    return _settings_override or S3Settings.from_env()
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def _strip_file_scheme(uri: str) -> str:
+    if uri.startswith("file://"):
+        return urlparse(uri).path
+    return uri
+
+
+def s3_filesystem(settings: S3Settings | None = None) -> pafs.S3FileSystem:
+    settings = settings or s3_settings()
+    kwargs: dict = {"region": settings.region}
+    if settings.endpoint_url:
+        parsed = urlparse(settings.endpoint_url)
+        kwargs["endpoint_override"] = parsed.netloc or parsed.path
+        kwargs["scheme"] = parsed.scheme or "https"
+        # S3-compatible stores (MinIO, moto, Ceph) generally want path-style addressing.
+        kwargs["force_virtual_addressing"] = False
+    # Credentials: pyarrow reads the standard AWS chain (env, profile, instance role) itself.
+    return pafs.S3FileSystem(**kwargs)
+
+
+def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem and the path inside it (``bucket/key`` for S3, absolute for local)."""
+    uri = str(uri)
+    if is_s3(uri):
+        return s3_filesystem(), uri[len("s3://"):].rstrip("/")
+    if "://" in uri and not uri.startswith("file://"):
+        raise StorageError(f"unsupported storage URI {uri!r}: use a local path, file:// or s3://bucket/prefix")
+    return pafs.LocalFileSystem(), str(Path(_strip_file_scheme(uri)).expanduser().resolve())
+
+
+def fsspec_filesystem(uri: str):
+    """An fsspec filesystem for ``uri`` (s3fs for S3), for libraries that want fsspec."""
+    import fsspec
+
+    if is_s3(uri):
+        settings = s3_settings()
+        client_kwargs = {"region_name": settings.region}
+        if settings.endpoint_url:
+            client_kwargs["endpoint_url"] = settings.endpoint_url
+        return fsspec.filesystem("s3", client_kwargs=client_kwargs)
+    return fsspec.filesystem("file")
+
+
+def join(uri: str, *parts: str) -> str:
+    uri = str(uri)
+    if is_s3(uri) or uri.startswith("file://"):
+        return posixpath.join(uri.rstrip("/"), *parts)
+    return os.path.join(uri, *parts)
+
+
+def to_uri(fs: pafs.FileSystem, path: str) -> str:
+    return f"s3://{path}" if isinstance(fs, pafs.S3FileSystem) else path
+
+
+def exists(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def is_dir(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type == pafs.FileType.Directory
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = resolve(uri)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError as exc:
+        raise StorageError(f"{uri}: no such file") from exc
+    except OSError as exc:
+        raise StorageError(f"{uri}: cannot read: {redact(str(exc))}") from exc
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole object atomically: readers see the old content or the new, never a part.
+
+    S3 PUTs are atomic per object; locally we write a temporary sibling and rename it.
+    """
+    fs, path = resolve(uri)
+    try:
+        if isinstance(fs, pafs.LocalFileSystem):
+            parent = os.path.dirname(path)
+            os.makedirs(parent, exist_ok=True)
+            tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        else:
+            with fs.open_output_stream(path) as f:
+                f.write(data)
+    except OSError as exc:
+        raise StorageError(f"{uri}: cannot write: {redact(str(exc))}") from exc
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def makedirs(uri: str) -> None:
+    fs, path = resolve(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        os.makedirs(path, exist_ok=True)
+    # S3 has no directories: keys appear when written.
+
+
+def list_files(uri: str, recursive: bool = False) -> list[str]:
+    """URIs of the files under ``uri`` (empty when it does not exist)."""
+    fs, path = resolve(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        return []
+    if info.type == pafs.FileType.File:
+        return [to_uri(fs, path)]
+    selector = pafs.FileSelector(path, recursive=recursive, allow_not_found=True)
+    return sorted(to_uri(fs, i.path) for i in fs.get_file_info(selector) if i.type == pafs.FileType.File)
+
+
+def list_dirs(uri: str) -> list[str]:
+    fs, path = resolve(uri)
+    selector = pafs.FileSelector(path, recursive=False, allow_not_found=True)
+    return sorted(to_uri(fs, i.path) for i in fs.get_file_info(selector) if i.type == pafs.FileType.Directory)
+
+
+def delete_dir(uri: str) -> None:
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir(path)
+
+
+def delete_file(uri: str) -> None:
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_file(path)
+
+
+def redact(text: str, extra_secrets: Iterable[str] = ()) -> str:
+    """Remove credential values (from the environment) and key=secret pairs from ``text``."""
+    secrets = [os.environ.get(k) for k in _SECRET_ENV] + list(extra_secrets)
+    for s in secrets:
+        if s and len(s) >= 4:
+            text = text.replace(s, "***")
+    return re.sub(r"(?i)(secret|token|password|access_key)(\w*)=([^\s&,]+)", r"\1\2=***", text)
