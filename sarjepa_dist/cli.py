@@ -1,0 +1,171 @@
+"""``sarjepa`` command line: parse, load config, call one runner. No logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Sequence
+
+from sarjepa_dist.config import ConfigError, load_config
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="YAML config (see jobs/*.yaml); defaults apply to missing keys")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value (YAML syntax), e.g. --set train.steps=200")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sarjepa", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ingest = sub.add_parser("ingest", help="turn images, arrays or scenes into chip shards")
+    isub = ingest.add_subparsers(dest="ingest_kind", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--max-bad-fraction", type=float, default=0.01,
+                        help="fail when more than this fraction of chips is bad (default 0.01)")
+    common.add_argument("--shard-mib", type=float, default=128.0, help="target Parquet shard size (MiB)")
+    p = isub.add_parser("images", parents=[common], help="class-per-folder images, centre-cropped to N×N")
+    p.add_argument("src")
+    p.add_argument("dest")
+    p.add_argument("--size", type=int, required=True, help="crop every chip to SIZE×SIZE (pads smaller ones)")
+    p.add_argument("--sensor", default=None)
+    p = isub.add_parser("arrays", parents=[common], help=".npy/.npz chip stacks")
+    p.add_argument("src")
+    p.add_argument("dest")
+    p.add_argument("--size", type=int, default=None)
+    p.add_argument("--chips-key", default="chips")
+    p.add_argument("--labels-key", default="labels")
+    p = isub.add_parser("scene", help="tile a large scene (GeoTIFF/TIFF/.npy, magnitude or complex)")
+    p.add_argument("src")
+    p.add_argument("dest")
+    p.add_argument("--tile", type=int, required=True)
+    p.add_argument("--stride", type=int, default=None, help="default: the tile size (no overlap)")
+    p.add_argument("--max-nodata-fraction", type=float, default=0.5)
+    p.add_argument("--nodata-value", type=float, default=0.0)
+    p.add_argument("--shard-mib", type=float, default=128.0)
+
+    p = sub.add_parser("synth", help="physics-based synthetic SAR chips as shards")
+    p.add_argument("dest")
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--per-class", type=int, default=100)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--looks", type=int, default=1)
+    p.add_argument("--shard-mib", type=float, default=128.0)
+
+    p = sub.add_parser("inspect", help="describe a dataset, checkpoint, export or few-shot report")
+    p.add_argument("artefact")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    p = sub.add_parser("pretrain", help="JEPA pretraining with Ray Train")
+    _config_args(p)
+    p = sub.add_parser("export", help="export a checkpoint's EMA encoder (safetensors + JSON)")
+    p.add_argument("checkpoint")
+    p.add_argument("out")
+    p = sub.add_parser("sweep", help="Ray Tune sweep over masking / EMA settings")
+    _config_args(p)
+    p = sub.add_parser("fewshot", help="few-shot evaluation of encoders")
+    _config_args(p)
+    p = sub.add_parser("submit", help="submit a job spec (jobs/*.yaml) to a Ray cluster as a Ray Job")
+    p.add_argument("spec", help="job spec YAML with 'entrypoint' and 'config'")
+    p.add_argument("--address", default=None, help="Ray dashboard address (default: RAY_ADDRESS or local)")
+    p.add_argument("--no-wait", action="store_true", help="return after submission")
+    p = sub.add_parser("demo", help="the whole path on built-in data: synth → pretrain → sweep → few-shot")
+    p.add_argument("--out", default="demo_out", help="where data, runs and reports go")
+    p.add_argument("--quick", action="store_true", help="smallest settings (smoke test)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    command_line = ["sarjepa", *(sys.argv[1:] if argv is None else list(argv))]
+    try:
+        return _dispatch(args, command_line)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace, command_line: list[str]) -> int:
+    cmd = args.command
+    if cmd == "ingest":
+        from sarjepa_dist.data import ingest
+
+        if args.ingest_kind == "images":
+            rep = ingest.ingest_images(args.src, args.dest, args.size, max_bad_fraction=args.max_bad_fraction,
+                                       target_shard_mib=args.shard_mib, sensor=args.sensor, command=command_line)
+        elif args.ingest_kind == "arrays":
+            rep = ingest.ingest_arrays(args.src, args.dest, size=args.size, chips_key=args.chips_key,
+                                       labels_key=args.labels_key, max_bad_fraction=args.max_bad_fraction,
+                                       target_shard_mib=args.shard_mib, command=command_line)
+        else:
+            rep = ingest.ingest_scene(args.src, args.dest, tile=args.tile, stride=args.stride or args.tile,
+                                      max_nodata_fraction=args.max_nodata_fraction,
+                                      nodata_value=args.nodata_value, target_shard_mib=args.shard_mib,
+                                      command=command_line)
+        print(f"wrote {rep.num_good} chips to {rep.dest} ({rep.num_bad} quarantined"
+              f"{', ' + json.dumps(rep.bad_by_reason) if rep.bad_by_reason else ''}; {rep.num_padded} padded)")
+        return 0
+    if cmd == "synth":
+        from sarjepa_dist.data.synth import SynthConfig, write_synthetic_dataset
+
+        cfg = SynthConfig(num_classes=args.classes, per_class=args.per_class, size=args.size, seed=args.seed,
+                          looks=args.looks)
+        manifest = write_synthetic_dataset(args.dest, cfg, target_shard_mib=args.shard_mib, command=command_line)
+        print(f"wrote {manifest.num_chips} synthetic chips ({len(manifest.class_names)} classes) to {args.dest}")
+        return 0
+    if cmd == "inspect":
+        from sarjepa_dist.lineage import describe, format_description
+
+        info = describe(args.artefact)
+        print(json.dumps(info, indent=2, default=str) if args.json else format_description(info))
+        return 0
+    if cmd == "export":
+        from sarjepa_dist.train.export import export_checkpoint
+
+        out = export_checkpoint(args.checkpoint, args.out)
+        print(f"exported EMA encoder to {out}")
+        return 0
+    if cmd == "submit":
+        from sarjepa_dist.jobs import submit_job_spec
+
+        return submit_job_spec(args.spec, address=args.address, wait=not args.no_wait)
+    if cmd == "demo":
+        from sarjepa_dist.demo import run_demo
+
+        run_demo(args.out, quick=args.quick)
+        return 0
+
+    cfg = load_config(args.config, args.overrides)
+    if cmd == "pretrain":
+        from sarjepa_dist.train.runner import run_pretrain
+
+        result = run_pretrain(cfg)
+        print(f"pretraining {result.name}: step {result.final_step}, latest checkpoint {result.latest_checkpoint_uri}")
+        return 0
+    if cmd == "sweep":
+        from sarjepa_dist.tune import run_sweep
+
+        sweep = run_sweep(cfg)
+        print(f"sweep table: {sweep.table_uri}")
+        return 0
+    if cmd == "fewshot":
+        from sarjepa_dist.fewshot.runner import run_fewshot
+
+        result = run_fewshot(cfg)
+        print(f"few-shot report: {result.report_uri}")
+        return 0
+    raise AssertionError(cmd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
