@@ -1,0 +1,129 @@
+"""The main job on embedded defaults: synthetic SAR chips → pretraining → sweep → few-shot.
+
+Everything runs on this machine: a local Ray cluster, a local S3 endpoint (a moto server on
+127.0.0.1, so the real object-storage code path is exercised) or, without moto, local folders.
+Sized to take minutes on a 2-core laptop; the numbers it prints are real but tiny-budget.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from sarjepa_dist import storage
+from sarjepa_dist.config import Config, config_from_dict
+
+log = logging.getLogger(__name__)
+
+
+def demo_config(data_uri: str, runs_uri: str, report_dir: str, quick: bool) -> Config:
+    """The demo's settings: a small ViT on 32 px synthetic chips, a short CPU budget."""
+    steps = 40 if quick else 300
+    tree: dict[str, Any] = {
+        "ray": {"num_cpus": 4},
+        "data": {"path": data_uri, "img_size": 32, "batch_size": 32, "shuffle_buffer": 256,
+                 "augment": {"crop_scale": [0.8, 1.0]}},
+        "gradient": {"radii": [2, 4, 6, 8]},
+        "mask": {"min_keep": 4},
+        "model": {"encoder": "vit_tiny", "patch_size": 4, "depth": 4, "predictor_dim": 96,
+                  "predictor_depth": 2, "predictor_heads": 3},
+        "optim": {"lr": 1e-3, "warmup_fraction": 0.1},
+        "train": {"name": "demo-pretrain", "storage_path": runs_uri, "steps": steps,
+                  "checkpoint_every": max(steps // 2, 10), "log_every": max(steps // 10, 5),
+                  "num_workers": 1, "cpus_per_worker": 1},
+        "tune": {"name": "demo-sweep", "storage_path": runs_uri,
+                 "grid": {"mask.target_scale": [[0.1, 0.15], [0.15, 0.25]]}},
+        "fewshot": {"data": data_uri, "split_column": "depression_deg", "train_values": [17.0],
+                    "test_values": [15.0], "shots": [1, 5, 10] if quick else [1, 2, 5, 10, 20],
+                    "seeds": 3 if quick else 5, "linear_epochs": 100, "out": report_dir},
+    }
+    return config_from_dict(tree)
+
+
+@contextlib.contextmanager
+def _storage_root(out: Path) -> Iterator[str]:
+    try:
+        from sarjepa_dist.local_s3 import create_bucket, local_s3_endpoint
+    except ImportError:  # pragma: no cover
+        local_s3_endpoint = None
+    if local_s3_endpoint is None:
+        yield str(out)
+        return
+    try:
+        ctx = local_s3_endpoint()
+        url = ctx.__enter__()
+    except RuntimeError as exc:
+        log.warning("no local S3 endpoint (%s); using local folders under %s", exc, out)
+        yield str(out)
+        return
+    try:
+        log.info("local S3 endpoint at %s (moto server on loopback)", url)
+        yield create_bucket(url, "sarjepa-demo")
+    finally:
+        ctx.__exit__(None, None, None)
+
+
+def run_demo(out: str = "demo_out", quick: bool = False) -> dict[str, Any]:
+    import ray
+
+    from sarjepa_dist.data.synth import SynthConfig, write_synthetic_dataset
+    from sarjepa_dist.fewshot.runner import run_fewshot
+    from sarjepa_dist.train.cluster import ray_init
+    from sarjepa_dist.train.export import export_checkpoint
+    from sarjepa_dist.train.runner import run_pretrain
+    from sarjepa_dist.tune import run_sweep
+
+    out_dir = Path(out).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    summary: dict[str, Any] = {}
+    with _storage_root(out_dir) as root:
+        data_uri = storage.join(root, "data", "synthetic-32")
+        runs_uri = storage.join(root, "runs")
+        report_dir = str(out_dir / "fewshot")
+        cfg = demo_config(data_uri, runs_uri, report_dir, quick)
+
+        print(f"[1/4] synthetic SAR chips → {data_uri}", flush=True)
+        per_class = 60 if quick else 200
+        manifest = write_synthetic_dataset(data_uri, SynthConfig(num_classes=10, per_class=per_class, size=32,
+                                                                  seed=0))
+        print(f"      {manifest.num_chips} chips, {len(manifest.class_names)} classes, dataset {manifest.dataset_id[:12]}")
+
+        ray_init(cfg.ray, cfg.storage)
+        try:
+            print(f"[2/4] pretraining ({cfg.train.steps} steps, {cfg.model.target_mode}) → {runs_uri}", flush=True)
+            result = run_pretrain(cfg)
+            summary["pretrain"] = {"checkpoint": result.latest_checkpoint_uri, "step": result.final_step}
+            # the S3 endpoint is in-memory: keep the encoder as a local export
+            summary["pretrain"]["export"] = export_checkpoint(result.latest_checkpoint_uri, str(out_dir / "encoder"))
+
+            sweep_cfg = config_from_dict({**cfg.to_dict(),
+                                          "train": {**cfg.to_dict()["train"], "steps": max(cfg.train.steps // 3, 20)}})
+            print(f"[3/4] sweep over {sweep_cfg.tune.grid} ({sweep_cfg.train.steps} steps each)", flush=True)
+            sweep = run_sweep(sweep_cfg)
+            summary["sweep"] = {"table": sweep.table_uri, "best": sweep.best}
+
+            print("[4/4] few-shot evaluation: pretrained vs random init vs hand-made features", flush=True)
+            fs_tree = cfg.to_dict()
+            fs_tree["fewshot"]["encoders"] = [result.latest_checkpoint_uri, "random-init", "raw-pixels",
+                                              "gradient-maps"]
+            fewshot = run_fewshot(config_from_dict(fs_tree))
+            summary["fewshot"] = {"report": fewshot.report_uri}
+        finally:
+            ray.shutdown()
+    summary["seconds"] = round(time.time() - t0, 1)
+    (out_dir / "demo_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    print(f"\ndone in {summary['seconds']} s. Report: {summary['fewshot']['report']}")
+    report_md = Path(report_dir) / "report.md"
+    if report_md.exists():
+        print(report_md.read_text())
+    return summary
+
+
+if __name__ == "__main__":  # pragma: no cover
+    run_demo(os.environ.get("SARJEPA_DEMO_OUT", "demo_out"))
