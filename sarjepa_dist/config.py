@@ -7,6 +7,7 @@ Unknown keys are errors too (a typo must never silently fall back to a default).
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +19,30 @@ import yaml
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown or out of range; the message says how to fix it."""
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-3`` / ``5E4`` as floats.
+
+    PyYAML follows YAML 1.1, where a float needs a dot (``1.0e-3``), so ``lr: 1e-3`` or
+    ``--set optim.lr=1e-3`` would load as the *string* '1e-3' and be refused as "must be a number".
+    """
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                   |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                   |[-+]?\.(?:inf|Inf|INF)
+                   |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str) -> Any:
+    """``yaml.safe_load`` with YAML 1.2-style floats (see ``_YamlLoader``)."""
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 # --------------------------------------------------------------------------- validation helpers
@@ -144,6 +169,10 @@ class MaskConfig:
     target_scale: tuple[float, float] = (0.15, 0.2)
     target_aspect: tuple[float, float] = (0.75, 1.5)
     min_keep: int = 10
+    # One block size per batch (as the I-JEPA reference samples): blocks stay whole after the
+    # batch's counts are equalised. False draws sizes per sample, then truncates to the batch
+    # minimum, which on 8x8 grids leaves a context near min_keep.
+    shared_sizes: bool = True
 
     def validate(self, p: str = "mask") -> None:
         check_range(f"{p}.num_context_blocks", self.num_context_blocks, 1, 16)
@@ -428,7 +457,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not key:
         raise ConfigError(f"--set {text!r} has no key before '='")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {exc}") from exc
     return key, value
@@ -453,7 +482,7 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = (),
         if not path.exists():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
         if not isinstance(loaded, dict):

@@ -32,7 +32,7 @@ class JobSpec:
     config: str | None = None
     set: list[str] = field(default_factory=list)
     args: list[str] = field(default_factory=list)  # positional args (inspect)
-    working_dir: str | None = "."
+    working_dir: str | None = ".."  # relative to the spec file; uploaded to the cluster
     forward_env: list[str] = field(default_factory=list)  # names only; values come from the submitter's env
     pip: list[str] = field(default_factory=list)
     entrypoint_num_cpus: float = 0.0
@@ -51,6 +51,8 @@ class JobSpec:
         env: dict[str, Any] = {}
         if self.working_dir:
             env["working_dir"] = str((base_dir / self.working_dir).resolve())
+            # .gitignore'd paths (.venv, runs/, demo_out/) are skipped by Ray already
+            env["excludes"] = [".git", "benchmarks/results", "**/__pycache__"]
         env_vars = {k: os.environ[k] for k in self.forward_env if k in os.environ}
         env_vars.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
         env["env_vars"] = env_vars
@@ -81,8 +83,8 @@ def load_job_spec(path: str | Path) -> JobSpec:
             raise ConfigError(f"job spec {str(path)!r}: forward_env {name!r} looks like a secret; give the "
                               f"cluster its own credentials (IAM role or Kubernetes secret) instead")
     if spec.config:
-        # validate before anything leaves this machine
-        cfg_path = (path.parent / spec.config) if not Path(spec.config).exists() else Path(spec.config)
+        # validate before anything leaves this machine; the path is relative to the working dir
+        cfg_path = path.parent / (spec.working_dir or ".") / spec.config
         load_config(cfg_path, spec.set)
     return spec
 
@@ -122,7 +124,7 @@ def submit(spec: JobSpec, *, address: str | None = None, base_dir: Path = Path("
 
 def submit_job_spec(path: str, *, address: str | None = None, wait: bool = True) -> int:
     spec = load_job_spec(path)
-    job_id, status = submit(spec, address=address, base_dir=Path.cwd(), wait=wait)
+    job_id, status = submit(spec, address=address, base_dir=Path(path).resolve().parent, wait=wait)
     print(f"{job_id}: {status}")
     if wait:
         from ray.job_submission import JobSubmissionClient
