@@ -173,14 +173,14 @@ def mask_generator(seed: int, rank: int, step: int) -> torch.Generator:
 class MultiBlockMaskSampler:
     """Samples I-JEPA multi-block masks for a patch grid (see the module docstring for the semantics)."""
 
-    def __init__(self, grid_size: tuple[int, int], cfg: MaskConfig, *, shared_sizes: bool = False):
+    def __init__(self, grid_size: tuple[int, int], cfg: MaskConfig, *, shared_sizes: bool | None = None):
         """``shared_sizes=False`` (the METHOD.md semantics) draws a size for every block of every sample.
         ``shared_sizes=True`` draws one target size and one context size per *batch*, shared by all
         samples and blocks, as the I-JEPA reference does: nothing is lost to truncation then (every
         target block is intact, and the context is cut only by placement, not by size, differences), at
         the price of less size diversity within a step. On an 8x8 grid with the default MaskConfig and
         B=256 this keeps ~0.30 instead of ~0.19 of the patches as context and ~0.175 instead of ~0.14
-        per target block. Not yet a MaskConfig field.
+        per target block. ``None`` takes ``cfg.shared_sizes`` (default True, the reference's choice).
         """
         gh, gw = (int(v) for v in grid_size)
         if gh < 1 or gw < 1:
@@ -190,7 +190,7 @@ class MultiBlockMaskSampler:
         self.grid_size: tuple[int, int] = (gh, gw)
         self.num_patches: int = gh * gw
         self.cfg = cfg
-        self.shared_sizes = bool(shared_sizes)
+        self.shared_sizes = bool(cfg.shared_sizes if shared_sizes is None else shared_sizes)
         self.num_fallbacks: int = 0  # samples whose context had to be widened to all non-target patches
         self.num_collapsed: int = 0  # of those, samples whose target blocks had to be stacked on one block
         self._check_feasible()
