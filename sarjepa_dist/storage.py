@@ -9,6 +9,7 @@ written to logs, manifests or outputs: ``redact`` scrubs them from any text that
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import re
@@ -153,11 +154,17 @@ def write_bytes(uri: str, data: bytes) -> None:
             parent = os.path.dirname(path)
             os.makedirs(parent, exist_ok=True)
             tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                # a failed write must not leave a partial temporary file beside the target
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
         else:
             with fs.open_output_stream(path) as f:
                 f.write(data)

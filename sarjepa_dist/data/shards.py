@@ -257,7 +257,7 @@ class ShardWriter:
             self._flush()
 
     def add_quarantined(self, source: str, reason: str, detail: str = "") -> None:
-        self.quarantine.append({"source": storage.redact(source), "reason": reason, "detail": detail})
+        self.quarantine.append({"source": storage.redact(source), "reason": reason, "detail": storage.redact(detail)})
 
     def _flush(self) -> None:
         if not self._rows["chip_id"]:
