@@ -72,7 +72,20 @@ def _strip_file_scheme(uri: str) -> str:
 
 
 def s3_filesystem(settings: S3Settings | None = None) -> pafs.S3FileSystem:
+    """One S3 filesystem per (endpoint, region, credentials) in this process: building one is not free."""
     settings = settings or s3_settings()
+    key = (settings, os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY"),
+           os.environ.get("AWS_SESSION_TOKEN"))
+    fs = _fs_cache.get(key)
+    if fs is None:
+        fs = _fs_cache[key] = _make_s3_filesystem(settings)
+    return fs
+
+
+_fs_cache: dict[tuple, pafs.S3FileSystem] = {}
+
+
+def _make_s3_filesystem(settings: S3Settings) -> pafs.S3FileSystem:
     kwargs: dict = {"region": settings.region}
     if settings.endpoint_url:
         parsed = urlparse(settings.endpoint_url)

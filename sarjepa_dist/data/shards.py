@@ -228,7 +228,8 @@ class ShardWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None and not self._committed:
+        # leaving without commit (error or not) must not leave an orphaned version folder
+        if not self._committed:
             self.abort()
 
     # -- adding
