@@ -15,9 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from sarjepa_dist.config import ConfigError, load_config
+from sarjepa_dist.config import ConfigError, load_config, yaml_load
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +63,7 @@ def load_job_spec(path: str | Path) -> JobSpec:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"job spec {str(path)!r} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = yaml_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"job spec {str(path)!r} must be a mapping")
     known = set(JobSpec.__dataclass_fields__)
@@ -103,14 +101,24 @@ def submit(spec: JobSpec, *, address: str | None = None, base_dir: Path = Path("
     _enable_token_auth_if_available()
     address = address or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265"
     client = JobSubmissionClient(address)
-    job_id = client.submit_job(
-        entrypoint=spec.entrypoint(),
-        runtime_env=spec.runtime_env(base_dir),
-        submission_id=f"{spec.name}-{int(time.time())}",
-        entrypoint_num_cpus=spec.entrypoint_num_cpus,
-        entrypoint_num_gpus=spec.entrypoint_num_gpus,
-        metadata={"sarjepa_job": spec.name},
-    )
+    submission_id = f"{spec.name}-{int(time.time())}"
+    agent_deadline = time.time() + 120
+    while True:
+        try:
+            job_id = client.submit_job(
+                entrypoint=spec.entrypoint(),
+                runtime_env=spec.runtime_env(base_dir),
+                submission_id=submission_id,
+                entrypoint_num_cpus=spec.entrypoint_num_cpus,
+                entrypoint_num_gpus=spec.entrypoint_num_gpus,
+                metadata={"sarjepa_job": spec.name},
+            )
+            break
+        except RuntimeError as exc:
+            # a freshly started head answers 500 until its job agent is up
+            if "No available agent" not in str(exc) or time.time() > agent_deadline:
+                raise
+            time.sleep(2.0)
     log.info("submitted %s as %s to %s", spec.name, job_id, address)
     if not wait:
         return job_id, str(client.get_job_status(job_id))

@@ -78,8 +78,14 @@ def test_submit_inspect_job_to_local_head(tmp_path, monkeypatch):
     from sarjepa_dist.local_s3 import free_port
 
     dash = free_port()
+    # token auth as a `ray start` head has it by default (Ray caches the mode: refresh it)
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    from ray._raylet import Config as RayConfig
+
+    RayConfig.initialize("")
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "include_dashboard": True, "dashboard_port": dash, "dashboard_host": "127.0.0.1"})
+        "num_cpus": 1, "include_dashboard": True, "dashboard_port": dash, "dashboard_host": "127.0.0.1",
+        "node_ip_address": "127.0.0.1", "dashboard_agent_listen_port": free_port()})
     try:
         job_id, status = submit(load_job_spec(spec_path), address=f"http://127.0.0.1:{dash}",
                                 base_dir=work, timeout_s=300)
@@ -88,5 +94,10 @@ def test_submit_inspect_job_to_local_head(tmp_path, monkeypatch):
         logs = JobSubmissionClient(f"http://127.0.0.1:{dash}").get_job_logs(job_id)
         assert status == "SUCCEEDED", logs
         assert "4" in logs and "dataset" in logs.lower()
+        # token auth stayed on: the job API refuses a caller without the token
+        import requests
+
+        anonymous = requests.get(f"http://127.0.0.1:{dash}/api/jobs/", timeout=10)
+        assert anonymous.status_code in (401, 403), anonymous.status_code
     finally:
         cluster.shutdown()
