@@ -1,0 +1,46 @@
+"""Pure-torch transforms (no Ray): gradient-domain operators, input conditioning, augmentation.
+
+Everything takes and returns ``(B, C, H, W)`` batches and works on any device; see
+``docs/CONTRACTS.md`` (transforms) and ``METHOD.md`` §2 for the operator.
+"""
+
+from sarjepa_dist.transforms.augment import augment_batch, center_resize
+from sarjepa_dist.transforms.conditioning import (
+    CONDITIONING_MODES,
+    condition,
+    robust_quantiles,
+    robust_standardize,
+    robust_stats,
+)
+from sarjepa_dist.transforms.gradient import (
+    DOMAINS,
+    FUSES,
+    check_radii,
+    fuse_scales,
+    gradient_by_ratio,
+    gradient_domain,
+    gradient_features,
+    sobel,
+)
+from sarjepa_dist.transforms.inputs import INPUT_KEYS, prepare_inputs, standardize_gradient
+
+__all__ = [
+    "CONDITIONING_MODES",
+    "DOMAINS",
+    "FUSES",
+    "INPUT_KEYS",
+    "augment_batch",
+    "center_resize",
+    "check_radii",
+    "condition",
+    "fuse_scales",
+    "gradient_by_ratio",
+    "gradient_domain",
+    "gradient_features",
+    "prepare_inputs",
+    "robust_quantiles",
+    "robust_standardize",
+    "robust_stats",
+    "sobel",
+    "standardize_gradient",
+]
