@@ -239,22 +239,6 @@ def test_model_inputs_both_placements():
 
 
 @pytest.fixture(scope="module")
-def ray_local(s3_endpoint):
-    """conftest's ``ray_local`` with ``address="local"``: without it, ``ray.init`` joins any other
-    Ray cluster running on the machine (other test sessions) instead of starting its own."""
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}})
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def s3_dataset(s3_endpoint):
     import boto3
 
