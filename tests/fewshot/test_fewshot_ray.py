@@ -1,0 +1,90 @@
+"""run_fewshot through real Ray Data feature extraction (few tests: each starts actors)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sarjepa_dist import storage
+from sarjepa_dist.config import config_from_dict
+from sarjepa_dist.data.synth import SynthConfig, write_synthetic_dataset
+from sarjepa_dist.fewshot import features as F
+from sarjepa_dist.fewshot.runner import run_fewshot
+from sarjepa_dist.model.io import save_checkpoint_dir
+from sarjepa_dist.model.jepa import SarJEPA
+
+pytestmark = pytest.mark.ray
+
+TINY = {"data": {"img_size": 32}, "gradient": {"radii": [2, 4, 6]},
+        "model": {"encoder": "vit_tiny", "patch_size": 8, "depth": 2, "predictor_dim": 48, "predictor_depth": 1,
+                  "predictor_heads": 3}}
+
+
+def fewshot_cfg(data: str, out: str, encoders: list[str], **extra):
+    return config_from_dict({**TINY, "fewshot": {
+        "data": data, "out": out, "encoders": encoders, "split_column": "depression_deg", "train_values": [17],
+        "test_values": [15], "shots": [1, 4], "seeds": 2, "linear_epochs": 20, "batch_size": 16, **extra}})
+
+
+def test_run_fewshot_with_ray_data_then_from_the_cache(ray_local, tmp_path, monkeypatch):
+    data = str(tmp_path / "synth")
+    write_synthetic_dataset(data, SynthConfig(num_classes=3, per_class=16, size=32, seed=0), command=["test"])
+    out = str(tmp_path / "report")
+    cfg = fewshot_cfg(data, out, ["random-init", "raw-pixels", "gradient-maps"])
+    res = run_fewshot(cfg)
+
+    results = json.loads(Path(res.results_uri).read_text())
+    assert [e["name"] for e in results["encoders"]] == ["random-init", "raw-pixels", "gradient-maps"]
+    assert all(e["extraction"]["extracted"] for e in results["encoders"])
+    assert results["encoders"][0]["feature_dim"] == 192 and results["encoders"][1]["feature_dim"] == 32 * 32
+    assert results["split"]["kind"] == "column" and results["split"]["test_size"] == 24
+    assert len(results["runs"]) == 3 * 3 * 2 * 2
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in results["runs"])
+    md = Path(res.report_uri).read_text()
+    assert "| encoder | K=1 | K=4 |" in md and "| random-init |" in md
+    assert len(list((tmp_path / "report" / "features").glob("*.npz"))) == 3
+
+    # the same job again: every feature comes from the cache, the extractor is never called
+    def boom(*args, **kwargs):
+        raise AssertionError("extractor called on a cached re-run")
+
+    monkeypatch.setattr(F, "extract_features", boom)
+    again = run_fewshot(cfg)
+    assert all(e["extraction"]["cached"] and not e["extraction"]["extracted"] for e in again.results["encoders"])
+    first = {(r["encoder"], r["method"], r["shots"], r["seed"]): r["accuracy"] for r in results["runs"]}
+    second = {(r.encoder, r.method, r.shots, r.seed): r.accuracy for r in again.runs}
+    assert first == second
+
+
+@pytest.mark.s3
+def test_run_fewshot_on_s3_with_an_s3_checkpoint(ray_local, s3_bucket, tmp_path):
+    data = f"{s3_bucket}/data/synth"
+    write_synthetic_dataset(data, SynthConfig(num_classes=3, per_class=8, size=32, seed=1), command=["test"])
+    cfg = fewshot_cfg(data, f"{s3_bucket}/fewshot", ["random-init"])
+    torch.manual_seed(0)
+    model = SarJEPA(cfg.model, cfg.data.img_size, cfg.data.channels, num_grad_scales=3)
+    local = tmp_path / "ckpt"
+    meta = save_checkpoint_dir(local, model, None, {"step": 5}, cfg.to_dict(),
+                               {"run_name": "s3-run", "step": 5, "dataset_id": "e" * 64})
+    ckpt_uri = f"{s3_bucket}/runs/s3-run/checkpoint_000005"
+    for name in os.listdir(local):
+        storage.write_bytes(storage.join(ckpt_uri, name), (local / name).read_bytes())
+
+    cfg = fewshot_cfg(data, f"{s3_bucket}/fewshot", [ckpt_uri, "raw-pixels"], shots=[1, 2],
+                      methods=["prototype", "linear"], feature_domain="target")
+    res = run_fewshot(cfg)
+    assert res.report_uri == f"{s3_bucket}/fewshot/report.md"
+    results = json.loads(storage.read_text(res.results_uri))
+    enc = results["encoders"][0]
+    assert enc["name"] == "s3-run@5" and enc["lineage"]["checkpoint_id"] == meta["checkpoint_id"]
+    assert enc["lineage"]["dataset_id"] == "e" * 64 and enc["lineage"]["config"]["model"]["depth"] == 2
+    assert enc["domain"] == "target" and enc["input"] == "gx" and results["feature_domain"] == "target"
+    assert "| encoder | K=1 | K=2 |" in storage.read_text(res.report_uri)
+    assert storage.exists(f"{s3_bucket}/fewshot/fewshot.png")
+    assert len([u for u in storage.list_files(f"{s3_bucket}/fewshot/features") if u.endswith(".npz")]) == 2
+    assert np.isfinite([r["accuracy"] for r in results["runs"]]).all()
