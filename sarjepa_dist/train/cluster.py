@@ -1,0 +1,103 @@
+"""Connecting to (or starting) the Ray cluster a run executes on.
+
+One rule for every runner: ``cfg.ray.address`` wins, then ``RAY_ADDRESS``, else a fresh local
+cluster sized by ``cfg.ray.num_cpus`` / ``num_gpus``. A process that already called ``ray.init``
+(a test fixture, a notebook, ``sarjepa`` inside a Ray job) keeps its connection: re-initialising
+would drop the caller's cluster and every object it holds.
+
+Workers on other nodes do not inherit the driver's environment, yet they read shards from, and
+write checkpoints to, the same S3-compatible store as the driver. So the storage variables that are
+set here (endpoint, region, credentials) travel in the job's ``runtime_env`` ``env_vars``. Only the
+*names* of the exported variables are ever logged, never their values.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Mapping
+
+from sarjepa_dist import storage
+from sarjepa_dist.config import RayConfig, StorageConfig
+
+__all__ = ["STORAGE_ENV_VARS", "SECRET_ENV_VARS", "PROJECT_ENV_PREFIX", "describe_env", "worker_env", "ray_init"]
+
+_log = logging.getLogger(__name__)
+
+# What a worker needs to reach the same store as the driver (storage.py reads exactly these).
+STORAGE_ENV_VARS = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+)
+# Project switches (e.g. the fault-injection hooks the failure tests use) travel with the job too.
+PROJECT_ENV_PREFIX = "SARJEPA_"
+# Quiet Ray Data in worker logs; harmless when already set.
+_QUIET_ENV = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+
+
+# Never put these where Ray records them as run metadata (see ``worker_env(secrets=False)``).
+SECRET_ENV_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
+def worker_env(environ: Mapping[str, str] | None = None, *, secrets: bool = True) -> dict[str, str]:
+    """Environment variables that workers of this job must see, taken from ``environ``.
+
+    Returns storage variables that are set, ``SARJEPA_*`` switches and quiet-logging defaults.
+    With ``secrets=True`` the result holds credentials: pass it to Ray's job ``runtime_env`` only,
+    never to a logger (use :func:`describe_env`). ``secrets=False`` leaves credentials out, for
+    places Ray exports as run state (Train V2 publishes ``RunConfig.worker_runtime_env`` in its
+    state API / dashboard).
+    """
+    environ = os.environ if environ is None else environ
+    env = {k: v for k, v in _QUIET_ENV.items() if k not in environ}
+    env.update({k: environ[k] for k in STORAGE_ENV_VARS
+                if environ.get(k) and (secrets or k not in SECRET_ENV_VARS)})
+    env.update({k: v for k, v in environ.items() if k.startswith(PROJECT_ENV_PREFIX)})
+    return env
+
+
+def describe_env(env: Mapping[str, str]) -> str:
+    """The variable names only, for logs."""
+    return ", ".join(sorted(env)) or "(none)"
+
+
+def ray_init(ray_cfg: RayConfig, storage_cfg: StorageConfig | None = None, *, log_to_driver: bool = True) -> str:
+    """Make sure this process is connected to a Ray cluster; return a one-line description.
+
+    ``storage_cfg`` (endpoint/region from the config file) is applied to this process first, so
+    the exported environment carries it to the workers as well.
+    """
+    import ray
+
+    if storage_cfg is not None:
+        storage.configure(storage_cfg.endpoint_url, storage_cfg.region)
+    if ray.is_initialized():
+        where = "the Ray cluster this process is already connected to"
+        _log.info("using %s", where)
+        return where
+
+    env = worker_env()
+    runtime_env = {"env_vars": env}
+    address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        if not address.startswith("ray://") and address not in ("auto", "local"):
+            # Ray's own helper actors (e.g. Train's placement-group cleaner) find "their" cluster
+            # through the State API, which guesses the newest cluster on the machine unless
+            # RAY_ADDRESS says otherwise; with several clusters on one host it can guess wrong.
+            env["RAY_ADDRESS"] = address
+        _log.info("connecting to Ray at %s; exporting to workers: %s", storage.redact(address), describe_env(env))
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=log_to_driver)
+        return f"Ray cluster at {storage.redact(address)}"
+    _log.info("starting a local Ray cluster (num_cpus=%s, num_gpus=%s); exporting to workers: %s",
+              ray_cfg.num_cpus, ray_cfg.num_gpus, describe_env(env))
+    # address="local": without it ray.init() joins whatever cluster /tmp/ray/ray_current_cluster
+    # names (any `ray start` head on this host), silently ignoring num_cpus/num_gpus.
+    ray.init(address="local", num_cpus=ray_cfg.num_cpus, num_gpus=ray_cfg.num_gpus, runtime_env=runtime_env,
+             include_dashboard=False, log_to_driver=log_to_driver)
+    return "a new local Ray cluster"

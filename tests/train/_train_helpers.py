@@ -1,0 +1,63 @@
+"""Shared pieces of the pretraining tests: tiny configs and small chip datasets with a few bad rows."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import numpy as np
+
+from sarjepa_dist import storage
+from sarjepa_dist.config import Config, config_from_dict, merge_tree
+from sarjepa_dist.data import shards
+
+IMG = 32
+NUM_BAD = 2  # NaN chips written into every test dataset (so bad-row counts are non-zero)
+
+
+def write_chip_dataset(root: str, *, num_classes: int = 4, per_class: int = 40, seed: int = 0,
+                       num_bad: int = NUM_BAD, shard_chips: int = 40) -> shards.Manifest:
+    """Synthetic SAR chips (32 px) as shards of ~``shard_chips`` chips, plus ``num_bad`` NaN chips."""
+    from sarjepa_dist.data.synth import SynthConfig, generate
+
+    batch = generate(SynthConfig(num_classes=num_classes, per_class=per_class, size=IMG, seed=seed))
+    chip_bytes = IMG * IMG * 4
+    names = list(batch.class_names)
+    bad_at = set(np.linspace(0, len(batch) - 1, num_bad + 2)[1:-1].astype(int).tolist()) if num_bad else set()
+    with shards.ShardWriter(root, class_names=names, command=["test"],
+                            target_shard_mib=shard_chips * chip_bytes / 2**20) as w:
+        for i in range(len(batch)):
+            chip = batch.chips[i]
+            if i in bad_at:
+                chip = chip.copy()
+                chip[0, 0, 0] = np.nan
+            lab = int(batch.labels[i])
+            w.add(shards.ChipRecord(f"c{i:05d}", chip, label=lab, class_name=names[lab]))
+        return w.commit()
+
+
+def tiny_config(data_path: str, storage_path: str, name: str, **sections: dict[str, Any]) -> Config:
+    """A model small enough for a 2-core CI box: ViT depth 2 on 32 px chips, patch 4 (8x8 grid)."""
+    tree: dict[str, Any] = {
+        "data": {"path": data_path, "img_size": IMG, "batch_size": 8, "shuffle_buffer": 32,
+                 "max_bad_fraction": 0.05, "augment": {"crop_scale": [0.8, 1.0]}},
+        "gradient": {"radii": [2, 4]},
+        "mask": {"min_keep": 4},
+        "model": {"encoder": "vit_tiny", "patch_size": 4, "depth": 2, "predictor_dim": 32,
+                  "predictor_depth": 1, "predictor_heads": 2},
+        "optim": {"warmup_fraction": 0.2},
+        "train": {"name": name, "storage_path": storage_path, "steps": 8, "checkpoint_every": 4,
+                  "log_every": 2, "num_workers": 1, "cpus_per_worker": 0.5, "num_to_keep": 2},
+    }
+    return config_from_dict(merge_tree(tree, sections))
+
+
+def read_json(uri: str) -> dict[str, Any]:
+    return json.loads(storage.read_text(uri))
+
+
+def assert_finite_losses(history: list[dict[str, Any]]) -> None:
+    assert history, "no metrics were reported"
+    for row in history:
+        assert math.isfinite(row["loss"]), row

@@ -1,0 +1,146 @@
+"""Single-worker pretraining on a local Ray cluster with local storage.
+
+One module-scoped pair of short runs (transform placement ``data`` and ``device``) feeds the checks
+on checkpoints, lineage, metrics, TensorBoard files and export; the failure-restart run is its own.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from _train_helpers import NUM_BAD, assert_finite_losses, read_json, tiny_config, write_chip_dataset
+from sarjepa_dist import storage
+from sarjepa_dist.train.loop import FAULT_MARKER_ENV, FAULT_STEP_ENV
+
+pytestmark = [pytest.mark.ray]
+
+PLACEMENTS = ("data", "device")
+REQUIRED_METRICS = ("step", "loss", "lr", "wd", "tau", "grad_norm", "chips_per_s", "data_wait_fraction",
+                    "std_target", "eff_rank_target", "std_pred", "eff_rank_pred", "bad_rows_total",
+                    "bad_rows_seen", "epoch", "chips_seen")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("train-data") / "chips")
+    manifest = write_chip_dataset(root)
+    return root, manifest
+
+
+@pytest.fixture(scope="module")
+def runs(train_ray, dataset, tmp_path_factory):
+    """placement -> (cfg, PretrainResult) for an 8-step run of each transform placement."""
+    from sarjepa_dist.train.runner import run_pretrain
+
+    root, _ = dataset
+    storage_path = str(tmp_path_factory.mktemp("train-runs"))
+    out = {}
+    for placement in PLACEMENTS:
+        cfg = tiny_config(root, storage_path, f"local-{placement}",
+                          data={"transform_placement": placement},
+                          # keep one checkpoint in one run, two in the other: num_to_keep is honoured
+                          train={"num_to_keep": 1 if placement == "data" else 2})
+        out[placement] = (cfg, run_pretrain(cfg))
+    return out
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_single_worker_run(runs, dataset, placement):
+    cfg, result = runs[placement]
+    _, manifest = dataset
+    assert result.final_step == cfg.train.steps == 8
+    assert result.dataset_id == manifest.dataset_id
+    assert result.storage_path == os.path.join(cfg.train.storage_path, cfg.train.name)
+
+    # every log_every steps one report, each with the figures the issue lists
+    history = result.metrics_history
+    assert [h["step"] for h in history] == [2, 4, 6, 8]
+    assert_finite_losses(history)
+    for h in history:
+        missing = [k for k in REQUIRED_METRICS if k not in h]
+        assert not missing, missing
+        assert 0.0 <= h["data_wait_fraction"] <= 1.0 and h["chips_per_s"] > 0
+        assert h["transform_placement"] == placement and h["resumed_from_step"] == -1
+        assert 0 <= h["bad_rows_total"] <= NUM_BAD
+    assert history[-1]["ranks_in_sync"] is True
+    assert result.metrics["step"] == 8  # Ray's own record of the latest checkpoint's report
+
+    # the latest checkpoint holds weights, optimizer, loop state and lineage
+    ckpt = result.latest_checkpoint_uri
+    assert ckpt and os.path.isdir(ckpt)
+    for name in ("model.safetensors", "optimizer.pt", "state.json", "rng.pt", "config.json", "meta.json",
+                 "metrics_history.jsonl"):
+        assert os.path.exists(os.path.join(ckpt, name)), name
+    state = read_json(os.path.join(ckpt, "state.json"))
+    assert state["step"] == 8 and state["epoch"] == 0 and state["batches_in_epoch"] == 8
+    assert state["schedules"]["total_steps"] == 8
+    meta = read_json(os.path.join(ckpt, "meta.json"))
+    assert meta["dataset_id"] == manifest.dataset_id and meta["run_name"] == cfg.train.name
+    assert meta["step"] == 8 and meta["checkpoint_id"] == os.path.basename(ckpt)
+    assert read_json(os.path.join(ckpt, "config.json"))["data"]["transform_placement"] == placement
+
+    run_dir = result.storage_path
+    kept = [d for d in os.listdir(run_dir) if d.startswith("checkpoint_") and os.path.isdir(os.path.join(run_dir, d))]
+    assert len(kept) == cfg.train.num_to_keep, kept
+    tb = os.listdir(os.path.join(run_dir, "tensorboard"))
+    assert any(f.startswith("events.out.tfevents") for f in tb)
+
+
+def test_both_placements_learn_comparably(runs):
+    """Same seed, same data: the placements differ only in where ∇x is computed."""
+    losses = {p: runs[p][1].metrics_history[-1]["loss"] for p in PLACEMENTS}
+    first = {p: runs[p][1].metrics_history[0]["loss"] for p in PLACEMENTS}
+    for p in PLACEMENTS:
+        assert losses[p] < first[p] * 1.05, (p, first[p], losses[p])
+    assert math.isclose(first["data"], first["device"], rel_tol=0.25)
+
+
+def test_export_from_trained_checkpoint_matches_plain_timm(runs, tmp_path):
+    from safetensors.torch import load_file
+    from timm.models.vision_transformer import VisionTransformer
+
+    from sarjepa_dist.engine import build_method
+    from sarjepa_dist.model.io import load_checkpoint_dir
+    from sarjepa_dist.train.export import export_checkpoint
+
+    cfg, result = runs["device"]
+    out = str(tmp_path / "export")
+    assert export_checkpoint(result.latest_checkpoint_uri, out) == out
+    info = read_json(os.path.join(out, "encoder.json"))
+    assert info["lineage"]["step"] == 8 and info["lineage"]["dataset_id"] == result.dataset_id
+    assert info["weights"] == "ema-target"
+
+    vit = VisionTransformer(**info["timm_kwargs"])  # plain timm, no project code
+    vit.load_state_dict(load_file(os.path.join(out, "encoder.safetensors")), strict=True)
+    vit.eval()
+    model, _ = build_method(cfg)
+    load_checkpoint_dir(result.latest_checkpoint_uri, model)
+    x = torch.rand(3, cfg.data.channels, cfg.data.img_size, cfg.data.img_size)
+    with torch.no_grad():
+        assert torch.equal(vit.forward_features(x), model.target_encoder.vit.eval().forward_features(x))
+        assert torch.equal(vit(x), model.target_encoder.vit(x))
+
+
+@pytest.mark.slow
+def test_failed_worker_restarts_from_checkpoint(train_ray, dataset, tmp_path, monkeypatch):
+    """Fail once after step 6 (checkpoint at 4): FailureConfig restarts from step 4 and finishes."""
+    from sarjepa_dist.train.runner import run_pretrain
+
+    root, _ = dataset
+    marker = tmp_path / "fault-marker"
+    monkeypatch.setenv(FAULT_STEP_ENV, "6")
+    monkeypatch.setenv(FAULT_MARKER_ENV, str(marker))
+    cfg = tiny_config(root, str(tmp_path / "runs"), "local-fail", train={"max_failures": 1})
+    result = run_pretrain(cfg)
+    assert marker.exists(), "the fault was never injected"
+    assert result.final_step == 8
+    history = result.metrics_history
+    assert [h["step"] for h in history] == [2, 4, 6, 8]  # the pre-failure step-6 report never happened
+    assert [h["resumed_from_step"] for h in history] == [-1, -1, 4, 4]
+    assert_finite_losses(history)
+    state = read_json(storage.join(result.latest_checkpoint_uri, "state.json"))
+    assert state["step"] == 8
