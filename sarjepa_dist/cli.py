@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Sequence
 
@@ -140,6 +141,9 @@ def _dispatch(args: argparse.Namespace, command_line: list[str]) -> int:
 
         return submit_job_spec(args.spec, address=args.address, wait=not args.no_wait)
     if cmd == "demo":
+        # The demo's Ray cluster is for this machine alone: keep its processes on loopback. Ray
+        # reads this flag (its single-host switch) at import, so set it before anything imports ray.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         from sarjepa_dist.demo import run_demo
 
         run_demo(args.out, quick=args.quick)

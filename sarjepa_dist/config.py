@@ -203,6 +203,9 @@ class ModelConfig:
         check_range(f"{p}.predictor_dim", self.predictor_dim, 8, 4096)
         check_range(f"{p}.predictor_depth", self.predictor_depth, 1, 48)
         check_range(f"{p}.predictor_heads", self.predictor_heads, 1, 64)
+        if self.predictor_dim % 4:
+            raise ConfigError(f"{p}.predictor_dim = {self.predictor_dim} must be a multiple of 4 "
+                              f"(2-D sin-cos positions split the width in four)")
         if self.predictor_dim % self.predictor_heads:
             raise ConfigError(f"{p}.predictor_dim = {self.predictor_dim} must be divisible by "
                               f"{p}.predictor_heads = {self.predictor_heads}")

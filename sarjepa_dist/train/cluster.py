@@ -6,9 +6,12 @@ cluster sized by ``cfg.ray.num_cpus`` / ``num_gpus``. A process that already cal
 would drop the caller's cluster and every object it holds.
 
 Workers on other nodes do not inherit the driver's environment, yet they read shards from, and
-write checkpoints to, the same S3-compatible store as the driver. So the storage variables that are
-set here (endpoint, region, credentials) travel in the job's ``runtime_env`` ``env_vars``. Only the
-*names* of the exported variables are ever logged, never their values.
+write checkpoints to, the same S3-compatible store as the driver. So the non-secret storage
+variables (endpoint, region, profile) travel in the job's ``runtime_env`` ``env_vars``.
+Credentials never do: Ray records a job's runtime_env in its job table and dashboard. On a local
+cluster the workers inherit them from this process; a remote cluster must hold its own (an IAM
+role, or a Kubernetes secret as in ``cluster/kuberay/storage.yaml``). Only the *names* of
+exported variables are ever logged.
 """
 
 from __future__ import annotations
@@ -82,7 +85,7 @@ def ray_init(ray_cfg: RayConfig, storage_cfg: StorageConfig | None = None, *, lo
         _log.info("using %s", where)
         return where
 
-    env = worker_env()
+    env = worker_env(secrets=False)
     runtime_env = {"env_vars": env}
     address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
     if address:

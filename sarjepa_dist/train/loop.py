@@ -174,6 +174,8 @@ class _Trainer:
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
+        if self.device.type == "cuda":
+            torch.set_float32_matmul_precision("high")  # TF32 for the fp32 parts outside bf16 autocast
         self.total = cfg.train.steps
         self.coll = _Collectives(self.world)
         # Node of every rank: locality hints when this loop splits a later epoch's dataset.

@@ -58,16 +58,10 @@ def run_uri(cfg: Config) -> str:
 
 
 def _required_inputs(cfg: Config) -> tuple[str, ...]:
-    """The model inputs a config needs, asked of the model itself so the pipeline computes nothing
-    else. It is built once on the driver's CPU (a meta-device build fails in the init's ``.item()``);
-    the RNG is forked so the driver's random state is untouched."""
-    import torch
+    """The model inputs a config needs, so the pipeline computes nothing else."""
+    from sarjepa_dist.model.jepa import required_inputs
 
-    from sarjepa_dist.engine import build_method
-
-    with torch.random.fork_rng(devices=[]):
-        model, _ = build_method(cfg)
-    return tuple(model.required_inputs())
+    return tuple(required_inputs(cfg.model))
 
 
 def run_pretrain(cfg: Config, *, callbacks: Sequence[Any] | None = None,
