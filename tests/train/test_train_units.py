@@ -90,11 +90,12 @@ def test_worker_env_carries_storage_and_project_vars_only():
     assert "AWS_SECRET_ACCESS_KEY" in described and "s3cr3t-value" not in described
 
 
-def test_ray_init_exports_env_without_logging_secrets(monkeypatch, caplog):
+def test_ray_init_exports_storage_env_but_never_secrets(monkeypatch, caplog):
     import ray
 
     secret = "very-secret-key-123"
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE9")
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
@@ -105,10 +106,13 @@ def test_ray_init_exports_env_without_logging_secrets(monkeypatch, caplog):
     assert "127.0.0.1:6379" in where
     assert calls[0]["address"] == "127.0.0.1:6379"
     env = calls[0]["runtime_env"]["env_vars"]
-    assert env["AWS_SECRET_ACCESS_KEY"] == secret and env["RAY_ADDRESS"] == "127.0.0.1:6379"
+    assert env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9000" and env["RAY_ADDRESS"] == "127.0.0.1:6379"
+    # Ray records a job's runtime_env (job table, dashboard): credentials stay out of it
+    assert "AWS_SECRET_ACCESS_KEY" not in env and "AWS_ACCESS_KEY_ID" not in env
+    assert secret not in repr(calls)
     assert calls[1]["num_cpus"] == 3 and calls[1]["address"] == "local"  # never joins a stray cluster
     assert secret not in caplog.text and "AKIDEXAMPLE9" not in caplog.text
-    assert "AWS_SECRET_ACCESS_KEY" in caplog.text  # the names are logged, so operators can check
+    assert "AWS_ENDPOINT_URL" in caplog.text  # the names are logged, so operators can check
 
 
 def test_ray_init_keeps_an_existing_connection(monkeypatch):
@@ -116,7 +120,7 @@ def test_ray_init_keeps_an_existing_connection(monkeypatch):
 
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
     monkeypatch.setattr(ray, "init", lambda **kw: pytest.fail("must not re-initialise Ray"))
-    assert "already connected" in cluster.ray_init(RayConfig(address="10.0.0.1:6379"))
+    assert "already connected" in cluster.ray_init(RayConfig(address="127.0.0.1:6390"))
 
 
 # --------------------------------------------------------------------------- loop helpers
