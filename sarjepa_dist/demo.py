@@ -106,7 +106,11 @@ def run_demo(out: str = "demo_out", quick: bool = False) -> dict[str, Any]:
                                           "train": {**cfg.to_dict()["train"], "steps": max(cfg.train.steps // 3, 20)}})
             print(f"[3/4] sweep over {sweep_cfg.tune.grid} ({sweep_cfg.train.steps} steps each)", flush=True)
             sweep = run_sweep(sweep_cfg)
-            summary["sweep"] = {"table": sweep.table_uri, "best": sweep.best}
+            # keep the sweep table locally too (the S3 endpoint is in-memory)
+            for name in ("sweep.json", "sweep.md"):
+                remote = storage.join(os.path.dirname(sweep.table_uri), name)
+                (out_dir / name).write_text(storage.read_text(remote))
+            summary["sweep"] = {"table": str(out_dir / "sweep.md"), "best": sweep.best}
 
             print("[4/4] few-shot evaluation: pretrained vs random init vs hand-made features", flush=True)
             fs_tree = cfg.to_dict()
@@ -118,7 +122,9 @@ def run_demo(out: str = "demo_out", quick: bool = False) -> dict[str, Any]:
             ray.shutdown()
     summary["seconds"] = round(time.time() - t0, 1)
     (out_dir / "demo_summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    print(f"\ndone in {summary['seconds']} s. Report: {summary['fewshot']['report']}")
+    print(f"\ndone in {summary['seconds']} s.\n  encoder export: {summary['pretrain']['export']}\n"
+          f"  sweep table:    {summary['sweep']['table']}\n  few-shot report: {summary['fewshot']['report']}\n")
+    print((out_dir / "sweep.md").read_text())
     report_md = Path(report_dir) / "report.md"
     if report_md.exists():
         print(report_md.read_text())

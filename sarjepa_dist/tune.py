@@ -98,7 +98,6 @@ def _run_trial(params: dict[str, Any]) -> None:
 
 
 def run_sweep(cfg: Config) -> SweepResult:
-    import ray
     from ray import tune
 
     from sarjepa_dist.train.cluster import ray_init
@@ -112,8 +111,10 @@ def run_sweep(cfg: Config) -> SweepResult:
     base_tree = cfg.to_dict()
     sweep_root = storage.join(cfg.tune.storage_path, cfg.tune.name)
     fs, path = storage.resolve(cfg.tune.storage_path)
-    param_space = {"point": tune.grid_search(points), "base": base_tree}
-    trainable = tune.with_parameters(_run_trial_wrapper, sweep_name=cfg.tune.name)
+    # Only the grid point goes in param_space (Tune prints and records it); the base config rides
+    # along as a trainable parameter.
+    param_space = {"point": tune.grid_search(points)}
+    trainable = tune.with_parameters(_run_trial_wrapper, sweep_name=cfg.tune.name, base=base_tree)
     # The trial driver itself is light; its TorchTrainer workers and Ray Data claim the CPUs.
     trainable = tune.with_resources(trainable, {"CPU": 0.01})
     run_config = tune.RunConfig(name=cfg.tune.name, storage_path=path, storage_filesystem=fs)
@@ -146,18 +147,11 @@ def run_sweep(cfg: Config) -> SweepResult:
         "trials": rows, "best": best, "base_config": base_tree,
     }, indent=2, default=str))
     storage.write_text(storage.join(sweep_root, "sweep.md"), format_table(rows, grid))
-    if ray.is_initialized():
-        pass  # the caller owns the cluster's lifetime
     return SweepResult(cfg.tune.name, table_uri, rows, best)
 
 
-def _run_trial_wrapper(params: dict[str, Any], sweep_name: str) -> None:
-    from ray import tune
-
-    params = dict(params)
-    params["trial_name"] = _trial_name(sweep_name, params["point"])
-    del tune  # imported for symmetry with _run_trial's session use
-    _run_trial(params)
+def _run_trial_wrapper(params: dict[str, Any], sweep_name: str, base: dict[str, Any]) -> None:
+    _run_trial({"point": params["point"], "base": base, "trial_name": _trial_name(sweep_name, params["point"])})
 
 
 def format_table(rows: list[dict[str, Any]], grid: dict[str, Any]) -> str:

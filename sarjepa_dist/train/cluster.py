@@ -101,6 +101,8 @@ def ray_init(ray_cfg: RayConfig, storage_cfg: StorageConfig | None = None, *, lo
               ray_cfg.num_cpus, ray_cfg.num_gpus, describe_env(env))
     # address="local": without it ray.init() joins whatever cluster /tmp/ray/ray_current_cluster
     # names (any `ray start` head on this host), silently ignoring num_cpus/num_gpus.
+    # The dashboard (on loopback) also serves the State API that Train V2's placement-group
+    # cleaner polls; without it that actor warns every few seconds for the whole run.
     ray.init(address="local", num_cpus=ray_cfg.num_cpus, num_gpus=ray_cfg.num_gpus, runtime_env=runtime_env,
-             include_dashboard=False, log_to_driver=log_to_driver)
+             include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=log_to_driver)
     return "a new local Ray cluster"
