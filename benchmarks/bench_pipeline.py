@@ -28,8 +28,6 @@ import logging
 import os
 import platform
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -53,27 +51,13 @@ from sarjepa_dist.data import shards  # noqa: E402
 # --------------------------------------------------------------------------- setup helpers
 
 
-def start_moto() -> tuple[subprocess.Popen, str]:
-    """A moto S3 server on a free loopback port; exports the AWS env Ray workers will inherit."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                raise RuntimeError("moto server did not start")
-            time.sleep(0.1)
-    url = f"http://127.0.0.1:{port}"
-    os.environ.update({"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-                       "AWS_REGION": "us-east-1"})
-    return proc, url
+def start_moto():
+    """A moto S3 server on a free loopback port (sarjepa_dist.local_s3); exports the AWS env Ray
+    workers will inherit. Returns (context manager to close, url)."""
+    from sarjepa_dist.local_s3 import local_s3_endpoint
+
+    ctx = local_s3_endpoint()
+    return ctx, ctx.__enter__()
 
 
 def write_archive(root: str, n: int, size: int, seed: int, shard_mib: float) -> float:
@@ -349,11 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         if ray.is_initialized():
             ray.shutdown()
         if moto is not None:
-            moto.terminate()
-            try:
-                moto.wait(10)
-            except subprocess.TimeoutExpired:
-                moto.kill()
+            moto.__exit__(None, None, None)
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
 
