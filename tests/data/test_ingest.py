@@ -20,7 +20,8 @@ from sarjepa_dist.data.ingest import (
 )
 from sarjepa_dist.data.shards import load_arrays, read_manifest, read_table
 
-MSTAR = Path("/work/shared/data/mstar_soc_17deg")
+# The shared data sits beside the checkout (../shared), in development and in CI alike.
+MSTAR = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "mstar_soc_17deg"
 SIZE = 32
 
 
