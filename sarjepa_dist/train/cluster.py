@@ -65,6 +65,17 @@ def worker_env(environ: Mapping[str, str] | None = None, *, secrets: bool = True
     return env
 
 
+_pinned_api_address: str | None = None
+
+
+def _free_loopback_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def describe_env(env: Mapping[str, str]) -> str:
     """The variable names only, for logs."""
     return ", ".join(sorted(env)) or "(none)"
@@ -85,6 +96,9 @@ def ray_init(ray_cfg: RayConfig, storage_cfg: StorageConfig | None = None, *, lo
         _log.info("using %s", where)
         return where
 
+    global _pinned_api_address
+    if _pinned_api_address and os.environ.get("RAY_API_SERVER_ADDRESS") == _pinned_api_address:
+        os.environ.pop("RAY_API_SERVER_ADDRESS")  # pinned for an earlier local cluster of this process
     env = worker_env(secrets=False)
     runtime_env = {"env_vars": env}
     address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
@@ -102,7 +116,15 @@ def ray_init(ray_cfg: RayConfig, storage_cfg: StorageConfig | None = None, *, lo
     # address="local": without it ray.init() joins whatever cluster /tmp/ray/ray_current_cluster
     # names (any `ray start` head on this host), silently ignoring num_cpus/num_gpus.
     # The dashboard (on loopback) also serves the State API that Train V2's placement-group
-    # cleaner polls; without it that actor warns every few seconds for the whole run.
+    # cleaner polls; without it that actor warns every few seconds for the whole run. The cleaner
+    # finds "its" State API by guessing the newest cluster on the host unless told: with two
+    # clusters on one machine it can ask the other one, conclude its controller is dead and remove
+    # a live run's placement group. So pin the dashboard port and tell every process of this job.
+    dashboard_port = _free_loopback_port()
+    api = f"http://127.0.0.1:{dashboard_port}"
+    env["RAY_API_SERVER_ADDRESS"] = api
+    os.environ["RAY_API_SERVER_ADDRESS"] = _pinned_api_address = api
     ray.init(address="local", num_cpus=ray_cfg.num_cpus, num_gpus=ray_cfg.num_gpus, runtime_env=runtime_env,
-             include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=log_to_driver)
+             include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
+             log_to_driver=log_to_driver)
     return "a new local Ray cluster"
