@@ -227,8 +227,18 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     ema: tuple[float, float] = (0.996, 1.0)  # τ ramps linearly from [0] to [1]
     grad_clip: float = 1.0  # 0 disables
+    # lr, start_lr and final_lr are for a global batch of `reference_batch`; with "linear" they are
+    # multiplied by global_batch / reference_batch (SAR-JEPA's rule: 1e-3 x batch/256). Unscaled
+    # 1e-3 at batch 32 collapses small runs (target effective rank falls from ~16 to ~4).
+    lr_scaling: str = "linear"  # linear | none
+    reference_batch: int = 256
+
+    def scale_for(self, global_batch: int) -> float:
+        return global_batch / self.reference_batch if self.lr_scaling == "linear" else 1.0
 
     def validate(self, p: str = "optim") -> None:
+        check_choice(f"{p}.lr_scaling", self.lr_scaling, ["linear", "none"])
+        check_range(f"{p}.reference_batch", self.reference_batch, 1)
         check_range(f"{p}.lr", self.lr, 0, 10, lo_open=True)
         check_range(f"{p}.start_lr", self.start_lr, 0, 10)
         check_range(f"{p}.final_lr", self.final_lr, 0, 10)

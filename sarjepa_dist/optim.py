@@ -53,19 +53,24 @@ class Schedules:
     """lr: linear warm-up start_lr→lr over ``warmup_fraction·total``, then cosine to final_lr;
     weight decay: cosine weight_decay→final_weight_decay over all steps; EMA τ: linear ema[0]→ema[1]."""
 
-    def __init__(self, optim_cfg: OptimConfig, total_steps: int) -> None:
+    def __init__(self, optim_cfg: OptimConfig, total_steps: int, lr_scale: float = 1.0) -> None:
+        """``lr_scale`` multiplies every lr value (``OptimConfig.scale_for(global_batch)``)."""
         if total_steps < 1:
             raise ValueError(f"total_steps = {total_steps} must be >= 1")
+        if lr_scale <= 0:
+            raise ValueError(f"lr_scale = {lr_scale} must be > 0")
         self.cfg = optim_cfg
         self.total_steps = int(total_steps)
         self.warmup_steps = int(round(optim_cfg.warmup_fraction * total_steps))
+        self.lr_scale = float(lr_scale)
 
     def lr(self, step: int) -> float:
         c = self.cfg
+        s = self.lr_scale
         if step < self.warmup_steps:
-            return c.start_lr + (c.lr - c.start_lr) * step / self.warmup_steps
+            return s * (c.start_lr + (c.lr - c.start_lr) * step / self.warmup_steps)
         progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
-        return c.final_lr + (c.lr - c.final_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return s * (c.final_lr + (c.lr - c.final_lr) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
     def weight_decay(self, step: int) -> float:
         c = self.cfg
@@ -86,7 +91,7 @@ class Schedules:
         return lr, wd
 
     def state_dict(self) -> dict[str, Any]:
-        return {"total_steps": self.total_steps, "warmup_steps": self.warmup_steps}
+        return {"total_steps": self.total_steps, "warmup_steps": self.warmup_steps, "lr_scale": self.lr_scale}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Warns when the saved settings differ (values are recomputed from the step, so a changed

@@ -76,3 +76,15 @@ def test_apply_sets_lr_and_wd_per_group():
     assert opt.param_groups[1]["weight_decay"] == 0.0
     assert tuple(opt.param_groups[0]["betas"]) == CFG.betas
     assert math.isclose(lr, s.lr(500))
+
+
+def test_linear_lr_scaling_follows_the_global_batch():
+    from sarjepa_dist.config import OptimConfig
+    from sarjepa_dist.optim import Schedules
+
+    cfg = OptimConfig(lr=1e-3, start_lr=2e-4, final_lr=1e-6, warmup_fraction=0.1)
+    assert cfg.scale_for(32) == 32 / 256 and OptimConfig(lr_scaling="none").scale_for(32) == 1.0
+    plain, scaled = Schedules(cfg, 100), Schedules(cfg, 100, lr_scale=cfg.scale_for(64))
+    for step in (0, 5, 10, 50, 100):
+        assert abs(scaled.lr(step) - plain.lr(step) * 0.25) < 1e-15
+    assert abs(scaled.lr(10) - 2.5e-4) < 1e-12  # peak = 1e-3 x 64/256

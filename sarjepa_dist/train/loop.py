@@ -191,7 +191,8 @@ class _Trainer:
         self.model.to(self.device)
         self.need = self.model.required_inputs()
         self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.schedules = Schedules(cfg.optim, self.total)
+        self.schedules = Schedules(cfg.optim, self.total,
+                                   lr_scale=cfg.optim.scale_for(cfg.data.batch_size * self.world))
         self.state = LoopState(world_size=self.world, schedules=self.schedules.state_dict())
         self.history: list[dict[str, Any]] = []
         self.resumed_from: int | None = None
