@@ -30,8 +30,11 @@ def demo_config(data_uri: str, runs_uri: str, report_dir: str, quick: bool) -> C
                  "augment": {"crop_scale": [0.8, 1.0]}},
         "gradient": {"radii": [2, 4, 6, 8]},
         "mask": {"min_keep": 4},
+        # context_domain gradient: one set of weights in one domain. With the raw context the
+        # EMA encoder embeds a domain its online twin never trains on, and on these synthetic
+        # chips that variant stays at random-init accuracy (benchmarks/fewshot_ablation.py).
         "model": {"encoder": "vit_tiny", "patch_size": 4, "depth": 4, "predictor_dim": 96,
-                  "predictor_depth": 2, "predictor_heads": 3},
+                  "predictor_depth": 2, "predictor_heads": 3, "context_domain": "gradient"},
         "optim": {"lr": 1e-3, "warmup_fraction": 0.1},
         "train": {"name": "demo-pretrain", "storage_path": runs_uri, "steps": steps,
                   "checkpoint_every": max(steps // 2, 10), "log_every": max(steps // 10, 5),
@@ -96,7 +99,7 @@ def run_demo(out: str = "demo_out", quick: bool = False) -> dict[str, Any]:
 
         ray_init(cfg.ray, cfg.storage)
         try:
-            print(f"[2/4] pretraining ({cfg.train.steps} steps, {cfg.model.target_mode}) → {runs_uri}", flush=True)
+            print(f"[2/4] pretraining ({cfg.train.steps} steps, {cfg.model.target_mode}, context {cfg.model.context_domain}) → {runs_uri}", flush=True)
             result = run_pretrain(cfg)
             summary["pretrain"] = {"checkpoint": result.latest_checkpoint_uri, "step": result.final_step}
             # the S3 endpoint is in-memory: keep the encoder as a local export
