@@ -78,11 +78,17 @@ def test_submit_inspect_job_to_local_head(tmp_path, monkeypatch):
     from sarjepa_dist.local_s3 import free_port
 
     dash = free_port()
-    # token auth as a `ray start` head has it by default (Ray caches the mode: refresh it)
+    # token auth as a `ray start` head has it by default (Ray caches the mode: refresh it); on a
+    # fresh machine make the token the way `ray start` does (~/.ray/auth_token)
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    from ray._private.authentication.authentication_token_setup import generate_and_save_token
+    from ray._raylet import AuthenticationTokenLoader
     from ray._raylet import Config as RayConfig
 
     RayConfig.initialize("")
+    if not AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True):
+        generate_and_save_token()
+        AuthenticationTokenLoader.instance().reset_cache()
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "include_dashboard": True, "dashboard_port": dash, "dashboard_host": "127.0.0.1",
         "node_ip_address": "127.0.0.1", "dashboard_agent_listen_port": free_port()})
