@@ -50,25 +50,18 @@ def demo_config(data_uri: str, runs_uri: str, report_dir: str, quick: bool) -> C
 
 @contextlib.contextmanager
 def _storage_root(out: Path) -> Iterator[str]:
-    try:
-        from sarjepa_dist.local_s3 import create_bucket, local_s3_endpoint
-    except ImportError:  # pragma: no cover
-        local_s3_endpoint = None
-    if local_s3_endpoint is None:
-        yield str(out)
-        return
-    try:
-        ctx = local_s3_endpoint()
-        url = ctx.__enter__()
-    except RuntimeError as exc:
-        log.warning("no local S3 endpoint (%s); using local folders under %s", exc, out)
-        yield str(out)
-        return
-    try:
+    """A bucket on a local S3 endpoint (moto server), or local folders when moto is missing."""
+    from sarjepa_dist.local_s3 import create_bucket, local_s3_endpoint
+
+    with contextlib.ExitStack() as stack:
+        try:
+            url = stack.enter_context(local_s3_endpoint())
+        except RuntimeError as exc:
+            log.warning("no local S3 endpoint (%s); using local folders under %s", exc, out)
+            yield str(out)
+            return
         log.info("local S3 endpoint at %s (moto server on loopback)", url)
         yield create_bucket(url, "sarjepa-demo")
-    finally:
-        ctx.__exit__(None, None, None)
 
 
 def run_demo(out: str = "demo_out", quick: bool = False) -> dict[str, Any]:

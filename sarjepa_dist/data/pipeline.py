@@ -16,7 +16,7 @@ Where ∇x is computed (``DataConfig.transform_placement``):
 - ``data``: ``prepare_inputs`` runs in the Ray Data CPU workers; rows carry ``x`` / ``gx`` /
   ``gfeat`` (whatever ``need`` asks for). Frees the accelerator, costs CPU and bytes per row
   (``gfeat`` is C·S maps per chip).
-- ``device``: rows carry the augmented ``amplitude``; the train step calls ``model_inputs`` (i.e.
+- ``device``: rows carry the augmented ``amplitude``; the train step calls ``engine.make_inputs_on_device`` (i.e.
   ``prepare_inputs``) on the device. Cheapest on bytes and CPU; the right default with a GPU.
 
 Both call the same ``transforms.prepare_inputs`` on the same augmented amplitude, so both give
@@ -76,7 +76,7 @@ if TYPE_CHECKING:  # ray is imported lazily so that importing this module stays 
 
 __all__ = [
     "BadDataError", "BadRowTracker", "BadRowWarning", "NEED_KEYS", "build_dataset", "chip_seed",
-    "dataset_tracker", "file_shuffle_seed", "iter_train_batches", "model_inputs", "split_for_consumers",
+    "dataset_tracker", "file_shuffle_seed", "iter_train_batches", "split_for_consumers",
     "train_shard_for_epoch", "transform_chip",
 ]
 
@@ -266,7 +266,7 @@ def build_dataset(data_cfg: DataConfig, gradient_cfg: GradientConfig, *, need: S
     Rows: ``chip_id`` (str), ``label`` (int64, -1 unlabelled) and either ``amplitude``
     (C x S x S float32, augmented; ``transform_placement == "device"``) or the ``need`` keys of
     ``prepare_inputs`` (``"data"``; with ``"device"`` the train step picks what it needs, see
-    ``model_inputs``). ``training=False``: no augmentation (centre-resize only), no file shuffle.
+    ``engine.make_inputs_on_device``). ``training=False``: no augmentation (centre-resize only), no file shuffle.
     ``epoch`` keys the augmentation and the file order: build one dataset per epoch.
 
     Bad rows are counted in the ``BadRowTracker`` of ``run_name`` (created when missing; a fresh
@@ -441,19 +441,3 @@ def iter_train_batches(dataset_shard: "ray.data.DataIterator", data_cfg: DataCon
             tracker.warn_new()
             raise
         tracker.warn_new(snap)
-
-
-def model_inputs(batch: dict[str, Any], data_cfg: DataConfig, gradient_cfg: GradientConfig,
-                 need: Sequence[str] = ("x", "gx")) -> dict[str, torch.Tensor]:
-    """The model's inputs from a batch of either placement: computed here (on the batch's device)
-    from ``amplitude`` for ``device`` placement, passed through for ``data`` placement."""
-    need = _check_need(need)
-    if "amplitude" in batch:
-        from sarjepa_dist.transforms import prepare_inputs
-
-        return prepare_inputs(batch["amplitude"], data_cfg, gradient_cfg, need=need)
-    missing = [k for k in need if k not in batch]
-    if missing:
-        raise KeyError(f"batch has no {missing}: the dataset was built with a different need= "
-                       f"(it holds {sorted(k for k in batch if k in NEED_KEYS)})")
-    return {k: batch[k] for k in need}

@@ -25,9 +25,10 @@ from sarjepa_dist import storage
 from sarjepa_dist.config import AugmentConfig, DataConfig, GradientConfig
 from sarjepa_dist.data import shards
 from sarjepa_dist.data.badrows import BadDataError, BadRowTracker, BadRowWarning
+from sarjepa_dist.engine import make_inputs_on_device
 from sarjepa_dist.data.pipeline import (
     _process_batch, _Spec, build_dataset, chip_seed, dataset_tracker, file_shuffle_seed,
-    iter_train_batches, model_inputs, split_for_consumers, stable_seed, transform_chip,
+    iter_train_batches, split_for_consumers, stable_seed, transform_chip,
 )
 
 CHIP_SHAPE = (1, 32, 32)
@@ -220,19 +221,20 @@ def test_transform_chip_training_vs_eval():
     assert torch.equal(e, transform_chip(chip, cfg, training=False, epoch=0, chip_id="other"))
 
 
-def test_model_inputs_both_placements():
+def test_step_inputs_both_placements():
     from sarjepa_dist.transforms import prepare_inputs
 
-    cfg = data_cfg("unused")
+    cfg = data_cfg("unused")  # data placement: the batch already holds x/gx
+    dev_cfg = dataclasses.replace(cfg, transform_placement="device")
     amp = torch.rand(2, 1, 24, 24) + 0.1
     feats = prepare_inputs(amp, cfg, GRAD, need=("x", "gx"))
-    dev = model_inputs({"amplitude": amp}, cfg, GRAD, need=("x", "gx"))
+    dev = make_inputs_on_device({"amplitude": amp}, dev_cfg, GRAD, ("x", "gx"))
     assert all(torch.equal(dev[k], feats[k]) for k in ("x", "gx"))
-    assert model_inputs(dict(feats), cfg, GRAD, need=("gx",)).keys() == {"gx"}
+    assert make_inputs_on_device(dict(feats), cfg, GRAD, ("gx",)).keys() == {"gx"}
     with pytest.raises(KeyError, match="gfeat"):
-        model_inputs(dict(feats), cfg, GRAD, need=("gfeat",))
+        make_inputs_on_device(dict(feats), cfg, GRAD, ("gfeat",))
     with pytest.raises(ValueError):
-        model_inputs(dict(feats), cfg, GRAD, need=("nope",))
+        make_inputs_on_device(dict(feats), cfg, GRAD, ("nope",))
 
 
 # --------------------------------------------------------------------------- Ray (local cluster + S3)
@@ -302,7 +304,7 @@ def test_device_placement_matches_data_placement(epoch0_data, s3_dataset):
     dev_feats: dict[str, dict[str, torch.Tensor]] = {}
     for r in dev:
         for b in r:
-            feats = model_inputs(b, cfg, GRAD, need=NEED)  # what the train step does on the device
+            feats = make_inputs_on_device(b, cfg, GRAD, NEED)  # what the train step does on the device
             for j, cid in enumerate(b["chip_id"]):
                 dev_feats[cid] = {k: feats[k][j] for k in NEED}
     data_feats = by_chip(results[0] + results[1], NEED)
