@@ -78,6 +78,12 @@ def check_pair(key: str, pair: tuple[float, float], lo: float | None = None, hi:
         raise ConfigError(f"{key} = {list(pair)} has low > high; write it as [low, high]")
 
 
+# --------------------------------------------------------------------------- allowed values
+
+# How an encoder's patch tokens become one feature vector (model/pooling.py says what each means).
+FEATURE_POOLINGS = ("mean", "grid2", "grid4", "centre")
+PROBE_METHODS = ("knn", "linear")
+
 # --------------------------------------------------------------------------- sections
 
 
@@ -279,6 +285,38 @@ class TrainConfig:
 
 
 @dataclass
+class ProbeConfig:
+    """Online few-shot probe of the evaluation encoder during pretraining (``sarjepa_dist/probe.py``)."""
+
+    every: int = 0  # steps between probes on rank 0; 0 disables
+    data: str | None = None  # labelled shard dataset; None: data.path (which must then be labelled)
+    shots: int = 10  # K support chips per class
+    episodes: int = 5  # support draws averaged per probe
+    test_fraction: float = 0.3  # of the probe chips per class, scored
+    max_per_class: int | None = 60  # probe chips per class (caps the probe's cost); None: all
+    methods: list[str] = field(default_factory=lambda: ["knn"])
+    pooling: str = "grid4"  # mean | grid2 | grid4 | centre (model/pooling.py)
+    seed: int = 0
+
+    def validate(self, p: str = "probe") -> None:
+        check_range(f"{p}.every", self.every, 0)
+        check_range(f"{p}.shots", self.shots, 1)
+        check_range(f"{p}.episodes", self.episodes, 1, 100)
+        check_range(f"{p}.test_fraction", self.test_fraction, 0.0, 1.0, lo_open=True, hi_open=True)
+        if self.max_per_class is not None:
+            check_range(f"{p}.max_per_class", self.max_per_class, 2)
+            if self.max_per_class * (1 - self.test_fraction) < self.shots:
+                raise ConfigError(f"{p}.max_per_class = {self.max_per_class} leaves fewer than {p}.shots = "
+                                  f"{self.shots} pool chips per class after {p}.test_fraction = "
+                                  f"{self.test_fraction}; raise max_per_class or lower shots")
+        if not self.methods:
+            raise ConfigError(f"{p}.methods is empty; choose from {list(PROBE_METHODS)}")
+        for m in self.methods:
+            check_choice(f"{p}.methods[]", m, PROBE_METHODS)
+        check_choice(f"{p}.pooling", self.pooling, FEATURE_POOLINGS)
+
+
+@dataclass
 class TuneConfig:
     name: str = "sarjepa-sweep"
     storage_path: str = "runs"
@@ -350,6 +388,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     fewshot: FewshotConfig = field(default_factory=FewshotConfig)
 

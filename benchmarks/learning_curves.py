@@ -1,0 +1,248 @@
+"""Learning curves per pretraining recipe: online few-shot probe accuracy against steps, then a
+few-shot score of the final encoders on a split kept apart from the one the curves tune on.
+
+    python benchmarks/learning_curves.py --mstar ../shared/data/mstar_soc_17deg \
+        --variants base,ctx-gradient --steps 600 --probe-every 100
+
+Data (MSTAR 17°, ingested at ``--chip-size``, centre crop): the fewshot default split (stratified,
+30% of each class held out, seed 0) gives the *report* pool and test set. Pretraining sees the
+report pool's chips only, without labels. The curves probe a *validation* split inside the report
+pool (``probe.test_fraction`` of each class, ``probe.seed`` 1), so what the curves tune on is never
+what the final table reports. The final table scores each encoder, its random init (the same
+weights at step 0) and the hand-made baselines with the ``sarjepa fewshot`` protocol (same support
+draws, classifiers and intervals) on the report split.
+
+Training is the project's own step (``engine.train_step``, masks, schedules, transforms) in a bare
+in-process loop, no Ray: the variants differ only in their config. Prints a table and saves
+``benchmarks/results/learning_curves.json`` and ``learning_curves.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sarjepa_dist.config import ProbeConfig, config_from_dict, load_config, merge_tree, parse_override
+from sarjepa_dist.data.shards import load_arrays
+from sarjepa_dist.engine import build_method, train_step
+from sarjepa_dist.fewshot.protocol import EncoderFeatures, run_protocol, summarise
+from sarjepa_dist.masks import mask_generator
+from sarjepa_dist.model.pooling import pool_tokens
+from sarjepa_dist.optim import Schedules, build_optimizer
+from sarjepa_dist.probe import build_probe_set, embed, run_probe
+from sarjepa_dist.transforms import augment_batch, center_resize, prepare_inputs
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# The base recipe: what `sarjepa pretrain` ran for the earlier ablation (ViT-tiny, 6 blocks, 64 px).
+BASE = {
+    "data": {"img_size": 64, "batch_size": 32},
+    "model": {"encoder": "vit_tiny", "patch_size": 8, "depth": 6, "predictor_dim": 96,
+              "predictor_depth": 3, "predictor_heads": 3},
+    "optim": {"lr": 1e-3, "warmup_fraction": 0.1},
+}
+# Named variants: config overrides on BASE (dotted keys, YAML values).
+VARIANTS: dict[str, list[str]] = {
+    "base": [],
+    "ctx-gradient": ["model.context_domain=gradient"],
+    "ema-pixel": ["model.target_mode=ema-pixel"],
+    "gradient-features": ["model.target_mode=gradient-features", "model.context_domain=gradient"],
+}
+POOLINGS = ("mean", "grid2", "grid4", "centre")
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """``name`` (a preset) or ``name:key=value;key=value`` (overrides on BASE)."""
+    if ":" not in text:
+        if text not in VARIANTS:
+            raise SystemExit(f"unknown variant {text!r}; presets: {sorted(VARIANTS)}")
+        return text, VARIANTS[text]
+    name, rest = text.split(":", 1)
+    return name, [kv for kv in rest.split(";") if kv]
+
+
+def variant_config(overrides: list[str], steps: int) -> Any:
+    tree = merge_tree(BASE, {"train": {"steps": steps}})
+    cfg = load_config(None, overrides, base=tree)
+    return cfg
+
+
+def eval_key(cfg: Any) -> str:
+    """The context domain feeds the evaluation encoder (fewshot.feature_domain: context)."""
+    return "x" if cfg.model.context_domain == "raw" else "gx"
+
+
+def pretrain(cfg: Any, chips: torch.Tensor, probe_set: Any, probe_cfg: ProbeConfig, seed: int,
+             log_prefix: str) -> tuple[Any, dict[str, torch.Tensor], list[dict[str, Any]], float]:
+    """Bare loop over ``engine.train_step``; returns (model, init eval-encoder state, curve, seconds)."""
+    torch.manual_seed(seed)
+    model, sampler = build_method(cfg)
+    init_state = {k: v.clone() for k, v in model.eval_encoder.state_dict().items()}
+    need = model.required_inputs()
+    optimizer = build_optimizer(model, cfg.optim)
+    batch = cfg.data.batch_size
+    schedules = Schedules(cfg.optim, cfg.train.steps, lr_scale=cfg.optim.scale_for(batch))
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(chips))
+    cursor, curve, train_s = 0, [], 0.0
+    key = eval_key(cfg)
+    aug = cfg.data.augment
+
+    def probe(step: int, loss: float | None) -> None:
+        row = {"step": step, "loss": loss,
+               **run_probe(model.eval_encoder, probe_set, key, probe_cfg, extra_poolings=POOLINGS)}
+        curve.append(row)
+        print(f"{log_prefix} step {step:5d} loss {loss if loss is None else round(loss, 4)} "
+              f"knn {row['probe_knn']:.3f} " + " ".join(f"{p} {row.get(f'probe_knn/{p}', row['probe_knn']):.3f}"
+                                                      for p in POOLINGS) +
+              f" eff-rank {row['probe_eff_rank']:.1f}", flush=True)
+
+    probe(0, None)
+    model.train()
+    for step in range(cfg.train.steps):
+        t0 = time.perf_counter()
+        if cursor + batch > len(order):
+            order, cursor = rng.permutation(len(chips)), 0
+        idx = torch.from_numpy(order[cursor:cursor + batch])
+        cursor += batch
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        amp = augment_batch(chips[idx], cfg.data.img_size, tuple(aug.crop_scale), aug.flips, aug.rot90, gen)
+        inputs = prepare_inputs(amp, cfg.data, cfg.gradient, need)
+        masks = sampler.sample(batch, mask_generator(seed, 0, step))
+        sm = train_step(model, optimizer, schedules, inputs, masks, step, grad_clip=cfg.optim.grad_clip)
+        train_s += time.perf_counter() - t0
+        if (step + 1) % probe_cfg.every == 0 or step + 1 == cfg.train.steps:
+            probe(step + 1, float(sm.loss))
+    return model, init_state, curve, train_s
+
+
+def report_features(encoder: Any, amp_eval: torch.Tensor, cfg: Any, key: str) -> dict[str, np.ndarray]:
+    x = prepare_inputs(amp_eval, cfg.data, cfg.gradient, need=(key,))[key]
+    return {p: f.numpy() for p, f in embed(encoder, x, POOLINGS).items()}
+
+
+def baseline_features(amp_eval: torch.Tensor, cfg: Any) -> dict[str, np.ndarray]:
+    """raw log-amplitude pixels (flattened) and gradient-by-ratio maps pooled 8×8 (flattened)."""
+    inp = prepare_inputs(amp_eval, cfg.data.__class__(img_size=cfg.data.img_size, conditioning="log"),
+                         cfg.gradient, need=("x", "gfeat"))
+    return {"raw-pixels": inp["x"].flatten(1).numpy(),
+            "gradient-maps": torch.nn.functional.adaptive_avg_pool2d(inp["gfeat"], (8, 8)).flatten(1).numpy()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mstar", required=True, help="MSTAR class-per-folder JPEGs")
+    ap.add_argument("--out", default="runs/learning_curves")
+    ap.add_argument("--chip-size", type=int, default=128, help="centre crop at ingest")
+    ap.add_argument("--variants", default="base,ctx-gradient")
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--probe-every", type=int, default=100)
+    ap.add_argument("--shots", default="10,20")
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tag", default="", help="suffix of the saved result files")
+    ap.add_argument("--no-report", action="store_true", help="curves only (no report-split table)")
+    args = ap.parse_args()
+    torch.set_num_threads(int(os.environ.get("SARJEPA_THREADS", torch.get_num_threads())))
+
+    from sarjepa_dist.data.ingest import ingest_images
+    from sarjepa_dist.fewshot.splits import load_labelled_set, stratified_split
+
+    out = Path(args.out).resolve()
+    uri = str(out / f"data/mstar{args.chip_size}")
+    if not (Path(uri) / "manifest.json").exists():
+        ingest_images(args.mstar, uri, args.chip_size)
+    arrays = load_arrays(uri)
+    labelled = load_labelled_set(uri)
+    assert list(labelled.chip_ids) == list(arrays.chip_ids), "row order differs between readers"
+    split = stratified_split(labelled, 0.3, seed=0)  # the report split (fewshot defaults)
+    chips = torch.from_numpy(arrays.chips.astype(np.float32))
+    labels = arrays.labels
+    pool_chips = chips[split.pool]
+    probe_cfg = ProbeConfig(every=args.probe_every, shots=10, episodes=5, test_fraction=0.3,
+                            max_per_class=None, methods=["knn", "linear"], pooling="mean", seed=1)
+    shots = [int(k) for k in args.shots.split(",")]
+    results: dict[str, Any] = {
+        "command": "python benchmarks/learning_curves.py " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False, "")),
+        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "python": platform.python_version(), "load_avg": os.getloadavg()},
+        "data": {"dataset": uri, "chips": len(labels), "pretrain_chips": len(split.pool),
+                 "report_pool": len(split.pool), "report_test": len(split.test)},
+        "base": BASE, "variants": {}}
+    report_feats: dict[str, EncoderFeatures] = {}
+    for text in args.variants.split(","):
+        name, overrides = parse_variant(text)
+        cfg = variant_config(overrides, args.steps)
+        probe_set = build_probe_set(pool_chips.numpy(), labels[split.pool], probe_cfg, cfg.data, cfg.gradient,
+                                    keys=("x", "gx"))
+        t0 = time.time()
+        model, init_state, curve, train_s = pretrain(cfg, pool_chips, probe_set, probe_cfg, args.seed, name)
+        results["variants"][name] = {"overrides": overrides, "curve": curve, "train_seconds": round(train_s, 1),
+                                     "wall_seconds": round(time.time() - t0, 1)}
+        if args.no_report:
+            continue
+        amp_pool = center_resize(chips[split.pool], cfg.data.img_size)
+        amp_test = center_resize(chips[split.test], cfg.data.img_size)
+        key = eval_key(cfg)
+        enc = model.eval_encoder
+        for tag, state in (("", None), ("random-init/", init_state)):
+            if state is not None:
+                enc.load_state_dict(state)
+            fp, ft = report_features(enc, amp_pool, cfg, key), report_features(enc, amp_test, cfg, key)
+            for p in POOLINGS:
+                report_feats[f"{tag}{name}/{p}"] = EncoderFeatures(fp[p], ft[p])
+        if "raw-pixels" not in report_feats:
+            bp, bt = baseline_features(amp_pool, cfg), baseline_features(amp_test, cfg)
+            for b in bp:
+                report_feats[b] = EncoderFeatures(bp[b], bt[b])
+    if report_feats:
+        runs = run_protocol(report_feats, labels[split.pool], labels[split.test], labelled.class_names,
+                            shots=shots, seeds=args.seeds, methods=["linear", "knn"])
+        table = {f"{r.encoder}|{r.method}|{r.shots}": [round(100 * r.interval.mean, 1),
+                                                        round(100 * (r.interval.half_width or 0), 1)]
+                 for r in summarise(runs)}
+        results["report"] = {"split": split.description, "shots": shots, "seeds": args.seeds,
+                             "accuracy_pct_mean_halfwidth": table}
+        print("\nreport split: accuracy % (mean ± 95% interval)")
+        for k, (m, h) in table.items():
+            print(f"  {k:50s} {m:5.1f} ± {h:4.1f}")
+    RESULTS.mkdir(exist_ok=True)
+    stem = f"learning_curves{'_' + args.tag if args.tag else ''}"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2, default=float))
+    plot(results, RESULTS / f"{stem}.png")
+    print(f"saved {RESULTS / stem}.json/.png")
+
+
+def plot(results: dict[str, Any], dest: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for name, v in results["variants"].items():
+        steps = [r["step"] for r in v["curve"]]
+        axes[0].plot(steps, [r["probe_knn"] for r in v["curve"]], label=f"{name} mean")
+        axes[0].plot(steps, [r["probe_knn/grid4"] for r in v["curve"]], "--", label=f"{name} grid4")
+        axes[1].plot(steps[1:], [r["loss"] for r in v["curve"][1:]], label=name)
+        axes[2].plot(steps, [r["probe_eff_rank"] for r in v["curve"]], label=name)
+    axes[0].set(title="validation 10-shot 1-NN", xlabel="step", ylabel="accuracy")
+    axes[1].set(title="JEPA loss", xlabel="step")
+    axes[2].set(title="effective rank (mean-pooled)", xlabel="step")
+    for a in axes:
+        a.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(dest, dpi=100)
+
+
+if __name__ == "__main__":
+    main()
