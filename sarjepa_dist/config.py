@@ -45,6 +45,30 @@ def yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
 
 
+# --------------------------------------------------------------------------- allowed values
+# Each set of allowed values is defined here once; the validators below and the modules that act
+# on a value (transforms, model) use these names.
+
+CONDITIONINGS = ("amplitude", "log", "db")
+TRANSFORM_PLACEMENTS = ("data", "device")
+GRADIENT_DOMAINS = ("gradient-by-ratio", "sobel", "identity")
+GRADIENT_FUSES = ("mean", "max")
+# name -> (embed_dim, depth, num_heads): timm's standard VisionTransformer widths
+ENCODER_ARCHS: dict[str, tuple[int, int, int]] = {
+    "vit_tiny": (192, 12, 3),
+    "vit_small": (384, 12, 6),
+    "vit_base": (768, 12, 12),
+    "vit_large": (1024, 24, 16),
+}
+PATCH_SIZES = (4, 8, 14, 16, 32)
+TARGET_MODES = ("ema-gradient", "ema-pixel", "gradient-features")
+CONTEXT_DOMAINS = ("raw", "gradient")
+LR_SCALINGS = ("linear", "none")
+TUNE_MODES = ("min", "max")
+FEWSHOT_METHODS = ("linear", "knn", "prototype")
+FEATURE_DOMAINS = ("context", "target")
+
+
 # --------------------------------------------------------------------------- validation helpers
 
 
@@ -126,19 +150,19 @@ class AugmentConfig:
 class GradientConfig:
     """The gradient-domain operator that makes the target-encoder input ∇x (METHOD.md §2)."""
 
-    domain: str = "gradient-by-ratio"  # gradient-by-ratio | sobel | identity
+    domain: str = "gradient-by-ratio"  # GRADIENT_DOMAINS
     radii: tuple[int, ...] = (5, 9, 13, 17)
     eps: float = 1e-2
-    fuse: str = "mean"  # how scales fuse to one map per channel: mean | max
+    fuse: str = "mean"  # how scales fuse to one map per channel: GRADIENT_FUSES
 
     def validate(self, p: str = "gradient") -> None:
-        check_choice(f"{p}.domain", self.domain, ["gradient-by-ratio", "sobel", "identity"])
+        check_choice(f"{p}.domain", self.domain, GRADIENT_DOMAINS)
         if not self.radii:
             raise ConfigError(f"{p}.radii is empty; give at least one radius, e.g. [5, 9, 13, 17]")
         for i, r in enumerate(self.radii):
             check_range(f"{p}.radii[{i}]", r, 1, 64)
         check_range(f"{p}.eps", self.eps, 0, 1, lo_open=True)
-        check_choice(f"{p}.fuse", self.fuse, ["mean", "max"])
+        check_choice(f"{p}.fuse", self.fuse, GRADIENT_FUSES)
 
 
 @dataclass
@@ -146,7 +170,7 @@ class DataConfig:
     path: str = ""  # a shard dataset: local path, file:// or s3://bucket/prefix
     img_size: int = 64  # chips are cropped/resized to this before the model
     channels: int = 1
-    conditioning: str = "log"  # amplitude | log | db
+    conditioning: str = "log"  # CONDITIONINGS
     transform_placement: str = "device"  # where ∇x is computed: data (Ray Data CPU workers) | device
     batch_size: int = 32  # per worker
     shuffle_buffer: int = 512  # local shuffle buffer, in chips
@@ -157,8 +181,8 @@ class DataConfig:
     def validate(self, p: str = "data") -> None:
         check_range(f"{p}.img_size", self.img_size, 8, 4096)
         check_range(f"{p}.channels", self.channels, 1, 64)
-        check_choice(f"{p}.conditioning", self.conditioning, ["amplitude", "log", "db"])
-        check_choice(f"{p}.transform_placement", self.transform_placement, ["data", "device"])
+        check_choice(f"{p}.conditioning", self.conditioning, CONDITIONINGS)
+        check_choice(f"{p}.transform_placement", self.transform_placement, TRANSFORM_PLACEMENTS)
         check_range(f"{p}.batch_size", self.batch_size, 1, 65536)
         check_range(f"{p}.shuffle_buffer", self.shuffle_buffer, 0)
         check_range(f"{p}.max_bad_fraction", self.max_bad_fraction, 0.0, 1.0)
@@ -191,19 +215,19 @@ class MaskConfig:
 
 @dataclass
 class ModelConfig:
-    encoder: str = "vit_tiny"  # vit_tiny | vit_small | vit_base (timm VisionTransformer widths)
+    encoder: str = "vit_tiny"  # a name in ENCODER_ARCHS
     patch_size: int = 8
     depth: int | None = None  # override the architecture's depth (tiny models in tests)
     predictor_dim: int = 96
     predictor_depth: int = 6
     predictor_heads: int = 3
-    target_mode: str = "ema-gradient"  # ema-gradient | ema-pixel | gradient-features
-    context_domain: str = "raw"  # raw | gradient: what the context encoder sees
+    target_mode: str = "ema-gradient"  # TARGET_MODES
+    context_domain: str = "raw"  # CONTEXT_DOMAINS: what the context encoder sees
     drop_path: float = 0.0
 
     def validate(self, p: str = "model") -> None:
-        check_choice(f"{p}.encoder", self.encoder, ["vit_tiny", "vit_small", "vit_base", "vit_large"])
-        check_choice(f"{p}.patch_size", self.patch_size, [4, 8, 14, 16, 32])
+        check_choice(f"{p}.encoder", self.encoder, ENCODER_ARCHS)
+        check_choice(f"{p}.patch_size", self.patch_size, PATCH_SIZES)
         if self.depth is not None:
             check_range(f"{p}.depth", self.depth, 1, 48)
         check_range(f"{p}.predictor_dim", self.predictor_dim, 8, 4096)
@@ -215,8 +239,8 @@ class ModelConfig:
         if self.predictor_dim % self.predictor_heads:
             raise ConfigError(f"{p}.predictor_dim = {self.predictor_dim} must be divisible by "
                               f"{p}.predictor_heads = {self.predictor_heads}")
-        check_choice(f"{p}.target_mode", self.target_mode, ["ema-gradient", "ema-pixel", "gradient-features"])
-        check_choice(f"{p}.context_domain", self.context_domain, ["raw", "gradient"])
+        check_choice(f"{p}.target_mode", self.target_mode, TARGET_MODES)
+        check_choice(f"{p}.context_domain", self.context_domain, CONTEXT_DOMAINS)
         check_range(f"{p}.drop_path", self.drop_path, 0.0, 1.0, hi_open=True)
 
 
@@ -236,14 +260,14 @@ class OptimConfig:
     # lr, start_lr and final_lr are for a global batch of `reference_batch`; with "linear" they are
     # multiplied by global_batch / reference_batch (SAR-JEPA's rule: 1e-3 x batch/256). Unscaled
     # 1e-3 at batch 32 collapses small runs (target effective rank falls from ~16 to ~4).
-    lr_scaling: str = "linear"  # linear | none
+    lr_scaling: str = "linear"  # LR_SCALINGS
     reference_batch: int = 256
 
     def scale_for(self, global_batch: int) -> float:
         return global_batch / self.reference_batch if self.lr_scaling == "linear" else 1.0
 
     def validate(self, p: str = "optim") -> None:
-        check_choice(f"{p}.lr_scaling", self.lr_scaling, ["linear", "none"])
+        check_choice(f"{p}.lr_scaling", self.lr_scaling, LR_SCALINGS)
         check_range(f"{p}.reference_batch", self.reference_batch, 1)
         check_range(f"{p}.lr", self.lr, 0, 10, lo_open=True)
         check_range(f"{p}.start_lr", self.start_lr, 0, 10)
@@ -330,7 +354,7 @@ class TuneConfig:
     def validate(self, p: str = "tune") -> None:
         check_range(f"{p}.num_samples", self.num_samples, 1)
         check_range(f"{p}.max_concurrent_trials", self.max_concurrent_trials, 1)
-        check_choice(f"{p}.mode", self.mode, ["min", "max"])
+        check_choice(f"{p}.mode", self.mode, TUNE_MODES)
         for key, values in self.grid.items():
             if not isinstance(values, list) or not values:
                 raise ConfigError(f"{p}.grid.{key} must be a non-empty list of values")
@@ -348,7 +372,7 @@ class FewshotConfig:
     shots: list[int] = field(default_factory=lambda: [1, 2, 5, 10, 20, 40])
     seeds: int = 5
     methods: list[str] = field(default_factory=lambda: ["linear", "knn", "prototype"])
-    feature_domain: str = "context"  # context | target: which domain feeds the EMA encoder
+    feature_domain: str = "context"  # FEATURE_DOMAINS: which domain feeds the EMA encoder
     pooling: str = "mean"  # mean | cls
     linear_epochs: int = 100
     knn_k: int = 1
@@ -364,8 +388,8 @@ class FewshotConfig:
         check_range(f"{p}.seeds", self.seeds, 1)
         check_range(f"{p}.test_fraction", self.test_fraction, 0.0, 1.0, lo_open=True, hi_open=True)
         for m in self.methods:
-            check_choice(f"{p}.methods[]", m, ["linear", "knn", "prototype"])
-        check_choice(f"{p}.feature_domain", self.feature_domain, ["context", "target"])
+            check_choice(f"{p}.methods[]", m, FEWSHOT_METHODS)
+        check_choice(f"{p}.feature_domain", self.feature_domain, FEATURE_DOMAINS)
         check_choice(f"{p}.pooling", self.pooling, ["mean", "cls"])
         check_range(f"{p}.linear_epochs", self.linear_epochs, 1)
         check_range(f"{p}.knn_k", self.knn_k, 1)

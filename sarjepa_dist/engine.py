@@ -23,7 +23,7 @@ from sarjepa_dist.config import Config, DataConfig, GradientConfig
 from sarjepa_dist.masks import MaskBatch, MultiBlockMaskSampler
 from sarjepa_dist.model.jepa import SarJEPA
 from sarjepa_dist.optim import Schedules
-from sarjepa_dist.transforms import INPUT_KEYS, prepare_inputs
+from sarjepa_dist.transforms import check_input_keys, prepare_inputs
 
 
 @dataclass
@@ -95,10 +95,7 @@ def make_inputs_on_device(batch: dict[str, Any], data_cfg: DataConfig, gradient_
     ``transform_placement: data``: the workers already computed the keys; they are only moved.
     ``device=None`` leaves tensors where they are.
     """
-    need = tuple(need)
-    unknown = [k for k in need if k not in INPUT_KEYS]
-    if not need or unknown:
-        raise ValueError(f"need = {need!r}: choose a non-empty subset of {INPUT_KEYS}")
+    need = check_input_keys(need)
 
     def move(t: Any) -> torch.Tensor:
         t = torch.as_tensor(t)

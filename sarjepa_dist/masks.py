@@ -181,12 +181,14 @@ class MultiBlockMaskSampler:
         the price of less size diversity within a step. On an 8x8 grid with the default MaskConfig and
         B=256 this keeps ~0.30 instead of ~0.19 of the patches as context and ~0.175 instead of ~0.14
         per target block. ``None`` takes ``cfg.shared_sizes`` (default True, the reference's choice).
+
+        ``cfg`` is taken as validated (``Config.validate`` at load); only its fit to this grid is
+        checked here: settings that can never keep ``min_keep`` patches raise ``ConfigError``.
         """
         gh, gw = (int(v) for v in grid_size)
         if gh < 1 or gw < 1:
             raise ValueError(f"grid_size = {tuple(grid_size)} must be two positive integers "
                              "(patch rows, patch columns)")
-        cfg.validate()
         self.grid_size: tuple[int, int] = (gh, gw)
         self.num_patches: int = gh * gw
         self.cfg = cfg
@@ -286,6 +288,30 @@ class MultiBlockMaskSampler:
         top, left = draw_positions(h, w, self.grid_size, generator)
         return block_masks(top, left, h, w, self.grid_size).any(dim=1)
 
+    def _widen_contexts(self, bad: torch.Tensor, targets: torch.Tensor, covered: torch.Tensor,
+                        context: torch.Tensor, g: torch.Generator | None, t_sz: BlockSizes | None) -> None:
+        """Give the samples ``bad`` every non-target patch as context, in place, redrawing their targets
+        until that keeps ``min_keep``; failing that, stack their target blocks on one smallest block."""
+        self.num_fallbacks += bad.numel()
+        for _ in range(FALLBACK_TRIES):
+            context[bad] = ~covered[bad]
+            bad = bad[context[bad].sum(dim=1) < self.cfg.min_keep]
+            if bad.numel() == 0:
+                return
+            t = self._draw_targets(bad.numel(), g, t_sz)
+            targets[bad], covered[bad] = t, t.any(dim=1)
+        # Last resort, always valid by _check_feasible: all M target blocks on one smallest block.
+        self.num_collapsed += bad.numel()
+        _log.warning("mask sampler: %d samples still too crowded; stacking their %d target blocks "
+                     "on one smallest block", bad.numel(), self.cfg.num_target_blocks)
+        h0, w0 = self.min_target_block()
+        h = torch.full((bad.numel(), 1), h0)
+        w = torch.full((bad.numel(), 1), w0)
+        top, left = draw_positions(h, w, self.grid_size, g)
+        t = block_masks(top, left, h, w, self.grid_size).expand(-1, self.cfg.num_target_blocks, -1)
+        targets[bad], covered[bad] = t, t[:, 0]
+        context[bad] = ~covered[bad]
+
     def sample(self, batch_size: int, generator: torch.Generator | None = None) -> MaskBatch:
         """Draw masks for ``batch_size`` samples (CPU tensors; see :class:`MaskBatch`).
 
@@ -329,30 +355,10 @@ class MultiBlockMaskSampler:
 
         bad = (~ok).nonzero().squeeze(1)
         if bad.numel():
-            self.num_fallbacks += bad.numel()
             _log.warning("mask sampler: %d of %d samples found no context block keeping mask.min_keep = %d "
                          "patches; widening their context to every non-target patch (settings are tight: "
                          "consider a lower mask.min_keep or mask.target_scale)", bad.numel(), batch_size, mk)
-            for _ in range(FALLBACK_TRIES):
-                context[bad] = ~covered[bad]
-                ok[bad] = context[bad].sum(dim=1) >= mk
-                bad = bad[~ok[bad]]
-                if bad.numel() == 0:
-                    break
-                t = self._draw_targets(bad.numel(), g, t_sz)
-                targets[bad], covered[bad] = t, t.any(dim=1)
-            if bad.numel():
-                # Last resort, always valid by _check_feasible: all M target blocks on one smallest block.
-                self.num_collapsed += bad.numel()
-                _log.warning("mask sampler: %d samples still too crowded; stacking their %d target blocks "
-                             "on one smallest block", bad.numel(), self.cfg.num_target_blocks)
-                h0, w0 = self.min_target_block()
-                h = torch.full((bad.numel(), 1), h0)
-                w = torch.full((bad.numel(), 1), w0)
-                top, left = draw_positions(h, w, self.grid_size, g)
-                t = block_masks(top, left, h, w, self.grid_size).expand(-1, self.cfg.num_target_blocks, -1)
-                targets[bad], covered[bad] = t, t[:, 0]
-                context[bad] = ~covered[bad]
+            self._widen_contexts(bad, targets, covered, context, g, t_sz)
 
         # Equalise token counts across the batch (no padding): every context to the smallest context and
         # every target block to the smallest block, keeping a random subset (see module docstring).

@@ -94,6 +94,7 @@ def test_unknown_keys_are_errors(overrides, match):
      r"data.augment.crop_scale\[0\] = 0.01 is out of range; allowed: \[0.05, 1\]"),
     ("data.augment.crop_scale=[0.9, 0.5]", r"data.augment.crop_scale = \[0.9, 0.5\] has low > high"),
     ("data.augment.crop_scale=[0.5]", r"data.augment.crop_scale = \[0.5\] must have 2 items"),
+    ("mask.target_scale=[0.3, 0.2]", r"mask.target_scale = \[0.3, 0.2\] has low > high"),
     ("data.conditioning=linear",
      r"data.conditioning = 'linear' is not allowed; choose one of \['amplitude', 'log', 'db'\]"),
     ("data.img_size=big", r"data.img_size = 'big' must be an integer"),

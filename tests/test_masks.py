@@ -326,14 +326,12 @@ def test_default_settings_need_no_fallback(grid):
 
 
 def test_impossible_settings_raise():
-    with pytest.raises(ValueError, match=r"mask\.min_keep = 65 exceeds"):
+    with pytest.raises(ConfigError, match=r"mask\.min_keep = 65 exceeds"):
         MultiBlockMaskSampler((8, 8), MaskConfig(min_keep=65))
-    with pytest.raises(ValueError, match=r"mask\.target_scale"):
-        MultiBlockMaskSampler((8, 8), MaskConfig(min_keep=60))  # smallest block is 3x3 = 9
-    with pytest.raises(ValueError, match=r"mask\.context_scale"):
-        MultiBlockMaskSampler((8, 8), MaskConfig(context_scale=(0.05, 0.1)))  # at most 3x3 = 9 < 10
     with pytest.raises(ConfigError, match=r"mask\.target_scale"):
-        MultiBlockMaskSampler((8, 8), MaskConfig(target_scale=(0.3, 0.2)))
+        MultiBlockMaskSampler((8, 8), MaskConfig(min_keep=60))  # smallest block is 3x3 = 9
+    with pytest.raises(ConfigError, match=r"mask\.context_scale"):
+        MultiBlockMaskSampler((8, 8), MaskConfig(context_scale=(0.05, 0.1)))  # at most 3x3 = 9 < 10
     with pytest.raises(ValueError, match="grid_size"):
         MultiBlockMaskSampler((0, 8), MaskConfig())
     with pytest.raises(ValueError, match="batch_size"):

@@ -251,11 +251,9 @@ def _process_batch(batch: pa.Table, *, spec: _Spec, tracker: BadRowTracker | Non
 
 
 def _check_need(need: Sequence[str]) -> tuple[str, ...]:
-    need = tuple(need)
-    unknown = [k for k in need if k not in NEED_KEYS]
-    if not need or unknown:
-        raise ValueError(f"need = {need!r}: choose a non-empty subset of {NEED_KEYS}")
-    return need
+    from sarjepa_dist.transforms import check_input_keys
+
+    return check_input_keys(need)
 
 
 def build_dataset(data_cfg: DataConfig, gradient_cfg: GradientConfig, *, need: Sequence[str] = ("x", "gx"),

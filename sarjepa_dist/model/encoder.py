@@ -25,15 +25,7 @@ import torch
 from torch import nn
 from timm.models.vision_transformer import VisionTransformer
 
-from sarjepa_dist.config import ModelConfig
-
-# (embed_dim, depth, num_heads) of timm's standard widths
-ARCHS: dict[str, tuple[int, int, int]] = {
-    "vit_tiny": (192, 12, 3),
-    "vit_small": (384, 12, 6),
-    "vit_base": (768, 12, 12),
-    "vit_large": (1024, 24, 16),
-}
+from sarjepa_dist.config import ENCODER_ARCHS, ModelConfig
 
 
 def sincos_pos_embed_1d(dim: int, pos: np.ndarray) -> np.ndarray:
@@ -61,11 +53,11 @@ def sincos_pos_embed_2d(dim: int, grid_size: tuple[int, int]) -> torch.Tensor:
 
 def encoder_timm_kwargs(model_cfg: ModelConfig, img_size: int, in_chans: int) -> dict[str, Any]:
     """The explicit, JSON-safe keyword arguments that build the encoder's timm model."""
-    if model_cfg.encoder not in ARCHS:
-        raise ValueError(f"model.encoder = {model_cfg.encoder!r} is unknown; choose one of {sorted(ARCHS)}")
+    if model_cfg.encoder not in ENCODER_ARCHS:  # load_encoder's 'random-init:<name>' bypasses validation
+        raise ValueError(f"model.encoder = {model_cfg.encoder!r} is unknown; choose one of {list(ENCODER_ARCHS)}")
     if img_size % model_cfg.patch_size:
         raise ValueError(f"img_size = {img_size} must be a multiple of patch_size = {model_cfg.patch_size}")
-    dim, depth, heads = ARCHS[model_cfg.encoder]
+    dim, depth, heads = ENCODER_ARCHS[model_cfg.encoder]
     return dict(
         img_size=int(img_size),
         patch_size=int(model_cfg.patch_size),
@@ -147,5 +139,5 @@ def gather_tokens(tokens: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def build_encoder(model_cfg: ModelConfig, img_size: int, in_chans: int) -> MaskedViT:
-    """The encoder named by ``model_cfg`` (width/heads from ``ARCHS``, ``depth`` override)."""
+    """The encoder named by ``model_cfg`` (width/heads from ``config.ENCODER_ARCHS``, ``depth`` override)."""
     return MaskedViT(encoder_timm_kwargs(model_cfg, img_size, in_chans))

@@ -29,13 +29,14 @@ from sarjepa_dist.model.predictor import Predictor
 if TYPE_CHECKING:  # masks are produced by sarjepa_dist.masks; the model only reads two fields
     from sarjepa_dist.masks import MaskBatch
 
-EMA_MODES = ("ema-gradient", "ema-pixel")
+# The input key (transforms.INPUT_KEYS) each context domain and target mode reads.
+_CONTEXT_INPUT = {"raw": "x", "gradient": "gx"}
 _TARGET_INPUT = {"ema-gradient": "gx", "ema-pixel": "x", "gradient-features": "gfeat"}
 
 
 def required_inputs(model_cfg: ModelConfig) -> tuple[str, ...]:
     """The input keys (⊆ x, gx, gfeat) a model of this config reads, without building it."""
-    need = {"x" if model_cfg.context_domain == "raw" else "gx", _TARGET_INPUT[model_cfg.target_mode]}
+    need = {_CONTEXT_INPUT[model_cfg.context_domain], _TARGET_INPUT[model_cfg.target_mode]}
     return tuple(sorted(need))
 
 
@@ -56,10 +57,6 @@ class SarJEPA(nn.Module):
         super().__init__()
         self.target_mode = model_cfg.target_mode
         self.context_domain = model_cfg.context_domain
-        if self.target_mode not in (*EMA_MODES, "gradient-features"):
-            raise ValueError(f"model.target_mode = {self.target_mode!r} is unknown")
-        if self.context_domain not in ("raw", "gradient"):
-            raise ValueError(f"model.context_domain = {self.context_domain!r} is unknown")
         self.model_cfg = model_cfg
         self.patch_size = model_cfg.patch_size
         self.in_chans = in_chans
@@ -67,7 +64,7 @@ class SarJEPA(nn.Module):
 
         self.encoder: MaskedViT = build_encoder(model_cfg, img_size, in_chans)
         self.target_encoder: MaskedViT | None = None
-        if self.target_mode in EMA_MODES:
+        if self.target_mode != "gradient-features":  # the fixed gradient maps need no EMA encoder
             self.target_encoder = copy.deepcopy(self.encoder)
             self.target_encoder.requires_grad_(False)
             self.target_encoder.eval()
@@ -82,13 +79,8 @@ class SarJEPA(nn.Module):
     # ------------------------------------------------------------------ what the data must supply
 
     def required_inputs(self) -> tuple[str, ...]:
-        """The keys of ``inputs`` this mode reads (so the pipeline computes nothing else)."""
+        """Shorthand for the module's :func:`required_inputs` of this model's config."""
         return required_inputs(self.model_cfg)
-
-    @property
-    def eval_encoder(self) -> MaskedViT:
-        """The encoder evaluation uses: the EMA one where it exists, else the context encoder."""
-        return self.target_encoder if self.target_encoder is not None else self.encoder
 
     # ------------------------------------------------------------------ training-mode bookkeeping
 
@@ -125,8 +117,7 @@ class SarJEPA(nn.Module):
             feats = patchify(gfeat, self.patch_size)
         else:
             assert self.target_encoder is not None
-            src = inputs["gx"] if self.target_mode == "ema-gradient" else inputs["x"]
-            feats = self.target_encoder(src)
+            feats = self.target_encoder(inputs[_TARGET_INPUT[self.target_mode]])
         feats = F.layer_norm(feats, feats.shape[-1:])
         return gather_tokens(feats, tgt_idx)
 
@@ -136,8 +127,7 @@ class SarJEPA(nn.Module):
         Also returns ``pred`` (B, M, Kt, dim), ``target`` and ``context`` (the context encoder's
         tokens, detached, for collapse monitoring).
         """
-        ctx_in = inputs["x"] if self.context_domain == "raw" else inputs["gx"]
-        z = self.encoder(ctx_in, masks.context)
+        z = self.encoder(inputs[_CONTEXT_INPUT[self.context_domain]], masks.context)
         pred = self.predictor(z, masks.context, masks.targets)
         target = self.targets(inputs, masks.targets)
         loss = F.mse_loss(pred.float(), target.float())

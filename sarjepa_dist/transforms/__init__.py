@@ -6,37 +6,30 @@ Everything takes and returns ``(B, C, H, W)`` batches and works on any device; s
 
 from sarjepa_dist.transforms.augment import augment_batch, center_resize
 from sarjepa_dist.transforms.conditioning import (
-    CONDITIONING_MODES,
     condition,
     robust_quantiles,
     robust_standardize,
     robust_stats,
 )
 from sarjepa_dist.transforms.gradient import (
-    DOMAINS,
-    FUSES,
     check_radii,
     fuse_scales,
     gradient_by_ratio,
     gradient_domain,
-    gradient_features,
     sobel,
 )
-from sarjepa_dist.transforms.inputs import INPUT_KEYS, prepare_inputs, standardize_gradient
+from sarjepa_dist.transforms.inputs import INPUT_KEYS, check_input_keys, prepare_inputs, standardize_gradient
 
 __all__ = [
-    "CONDITIONING_MODES",
-    "DOMAINS",
-    "FUSES",
     "INPUT_KEYS",
     "augment_batch",
     "center_resize",
+    "check_input_keys",
     "check_radii",
     "condition",
     "fuse_scales",
     "gradient_by_ratio",
     "gradient_domain",
-    "gradient_features",
     "prepare_inputs",
     "robust_quantiles",
     "robust_standardize",

@@ -8,6 +8,14 @@ from typing import ContextManager
 import torch
 
 
+def check_batch(x: torch.Tensor, name: str = "x") -> None:
+    """``TypeError`` unless ``x`` is a tensor, ``ValueError`` unless it is a ``(B, C, H, W)`` batch."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name} must be a (B, C, H, W) batch, got shape {tuple(x.shape)}")
+
+
 def autocast_off(device: torch.device) -> ContextManager[object]:
     """Disable autocast for ``device`` inside the transforms.
 

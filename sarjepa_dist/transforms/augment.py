@@ -17,14 +17,13 @@ import math
 import torch
 import torch.nn.functional as F
 
+from sarjepa_dist.transforms._common import check_batch
+
 __all__ = ["augment_batch", "center_resize"]
 
 
 def _check(x: torch.Tensor) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"x must be a (B, C, H, W) batch, got shape {tuple(x.shape)}")
+    check_batch(x)
     return x if x.is_floating_point() else x.to(torch.float32)
 
 

@@ -17,18 +17,16 @@ import math
 
 import torch
 
-from sarjepa_dist.transforms._common import autocast_off
+from sarjepa_dist.config import CONDITIONINGS
+from sarjepa_dist.transforms._common import autocast_off, check_batch
 
 __all__ = [
-    "CONDITIONING_MODES",
     "DB_UNIT",
     "condition",
     "robust_quantiles",
     "robust_standardize",
     "robust_stats",
 ]
-
-CONDITIONING_MODES = ("amplitude", "log", "db")
 
 # The 1 % and 99 % quantiles of a normal distribution lie 2·2.3263 standard deviations apart:
 # dividing the 1–99 % span by this makes the scale a standard deviation for Gaussian data.
@@ -50,10 +48,7 @@ _DB_PER_NEPER = 20.0 / math.log(10.0)
 
 
 def _check(x: torch.Tensor) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"x must be a (B, C, H, W) batch, got shape {tuple(x.shape)}")
+    check_batch(x)
     if x.dtype == torch.float64:
         return x
     return x.to(torch.float32)
@@ -142,8 +137,8 @@ def condition(x: torch.Tensor, mode: str = "log") -> torch.Tensor:
     Returns:
         ``(B, C, H, W)`` float32.
     """
-    if mode not in CONDITIONING_MODES:
-        raise ValueError(f"mode = {mode!r} is not allowed; choose one of {list(CONDITIONING_MODES)}")
+    if mode not in CONDITIONINGS:
+        raise ValueError(f"mode = {mode!r} is not allowed; choose one of {list(CONDITIONINGS)}")
     a = _check(x).clamp_min(0)
     with autocast_off(a.device):
         return _condition(a, mode)

@@ -31,21 +31,16 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from sarjepa_dist.transforms._common import autocast_off
+from sarjepa_dist.config import GRADIENT_DOMAINS, GRADIENT_FUSES
+from sarjepa_dist.transforms._common import autocast_off, check_batch
 
 __all__ = [
-    "DOMAINS",
-    "FUSES",
     "check_radii",
     "fuse_scales",
     "gradient_by_ratio",
     "gradient_domain",
-    "gradient_features",
     "sobel",
 ]
-
-DOMAINS = ("gradient-by-ratio", "sobel", "identity")
-FUSES = ("mean", "max")
 
 # Working-set budget for one CPU chunk (float64 integral image): about one L2 cache.
 _CPU_CHUNK_BYTES = 2 * 1024 * 1024
@@ -53,13 +48,10 @@ _CPU_CHUNK_BYTES = 2 * 1024 * 1024
 _DEVICE_CHUNK_BYTES = 512 * 1024 * 1024
 
 
-def _check_amplitude(x: torch.Tensor, name: str = "x") -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"{name} must be a (B, C, H, W) batch, got shape {tuple(x.shape)}")
+def _check_amplitude(x: torch.Tensor) -> None:
+    check_batch(x)
     if not x.is_floating_point():
-        raise TypeError(f"{name} must be floating point (float32 or float64), got {x.dtype}; "
+        raise TypeError(f"x must be floating point (float32 or float64), got {x.dtype}; "
                         f"convert it first, e.g. x.float()")
 
 
@@ -244,7 +236,7 @@ def fuse_scales(maps: torch.Tensor, fuse: str = "mean") -> torch.Tensor:
         return total / maps.shape[2]
     if fuse == "max":
         return maps.amax(dim=2)
-    raise ValueError(f"fuse = {fuse!r} is not allowed; choose one of {list(FUSES)}")
+    raise ValueError(f"fuse = {fuse!r} is not allowed; choose one of {list(GRADIENT_FUSES)}")
 
 
 @torch.no_grad()
@@ -268,8 +260,6 @@ def gradient_domain(x: torch.Tensor, domain: str = "gradient-by-ratio",
         ``(B, C, H, W)`` in ``x.dtype``, on ``x.device``.
     """
     if domain == "gradient-by-ratio":
-        if fuse not in FUSES:
-            raise ValueError(f"fuse = {fuse!r} is not allowed; choose one of {list(FUSES)}")
         maps = gradient_by_ratio(x, radii, eps)
         with autocast_off(x.device):
             return fuse_scales(maps, fuse)
@@ -278,14 +268,5 @@ def gradient_domain(x: torch.Tensor, domain: str = "gradient-by-ratio",
     if domain == "identity":
         _check_amplitude(x)
         return x.clone()
-    raise ValueError(f"domain = {domain!r} is not allowed; choose one of {list(DOMAINS)}")
+    raise ValueError(f"domain = {domain!r} is not allowed; choose one of {list(GRADIENT_DOMAINS)}")
 
-
-def gradient_features(x: torch.Tensor, radii: Sequence[int] = (5, 9, 13, 17),
-                      eps: float = 1e-2) -> torch.Tensor:
-    """Per-scale gradient-by-ratio maps flattened onto channels, for the ``gradient-features`` mode.
-
-    Returns ``(B, C·S, H, W)``; channel ``c·S + s`` is input channel ``c`` at ``radii[s]``
-    (channel-major, as ``gradient_by_ratio(x).flatten(1, 2)``).
-    """
-    return gradient_by_ratio(x, radii, eps).flatten(1, 2)

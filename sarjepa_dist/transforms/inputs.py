@@ -15,19 +15,22 @@ import torch
 from sarjepa_dist.config import DataConfig, GradientConfig
 from sarjepa_dist.transforms._common import autocast_off
 from sarjepa_dist.transforms.conditioning import condition, robust_standardize
-from sarjepa_dist.transforms.gradient import (
-    DOMAINS,
-    fuse_scales,
-    gradient_by_ratio,
-    gradient_domain,
-)
+from sarjepa_dist.transforms.gradient import fuse_scales, gradient_by_ratio, gradient_domain
 
-__all__ = ["INPUT_KEYS", "GRADIENT_SPREAD_FLOOR", "prepare_inputs", "standardize_gradient"]
+__all__ = ["INPUT_KEYS", "GRADIENT_SPREAD_FLOOR", "check_input_keys", "prepare_inputs", "standardize_gradient"]
 
 INPUT_KEYS = ("x", "gx", "gfeat")
 # Floor of the robust spread of ∇x, in nepers (gradient-by-ratio and Sobel maps are log-ratios):
 # a flat chip keeps its small gradients small instead of being stretched to unit contrast.
 GRADIENT_SPREAD_FLOOR = 1e-2
+
+
+def check_input_keys(need: Sequence[str]) -> tuple[str, ...]:
+    """``need`` as a tuple, or ``ValueError`` unless it is a non-empty subset of :data:`INPUT_KEYS`."""
+    need_t = tuple(need)
+    if not need_t or any(k not in INPUT_KEYS for k in need_t):
+        raise ValueError(f"need = {need_t!r}: choose a non-empty subset of {INPUT_KEYS}")
+    return need_t
 
 
 def standardize_gradient(g: torch.Tensor, domain: str, amplitude: torch.Tensor) -> torch.Tensor:
@@ -74,10 +77,7 @@ def prepare_inputs(amplitude: torch.Tensor, data_cfg: DataConfig, gradient_cfg: 
         gradient_cfg: uses ``domain``, ``radii``, ``eps`` and ``fuse``.
         need: a non-empty subset of ``("x", "gx", "gfeat")``; only these are computed.
     """
-    need_t = tuple(need)
-    unknown = [k for k in need_t if k not in INPUT_KEYS]
-    if not need_t or unknown:
-        raise ValueError(f"need = {need_t!r}: choose a non-empty subset of {INPUT_KEYS}")
+    need_t = check_input_keys(need)
     if not isinstance(amplitude, torch.Tensor):
         amplitude = torch.as_tensor(amplitude)  # e.g. a numpy batch from Ray Data
     if amplitude.dim() != 4:
@@ -85,9 +85,6 @@ def prepare_inputs(amplitude: torch.Tensor, data_cfg: DataConfig, gradient_cfg: 
     if amplitude.shape[1] != data_cfg.channels:
         raise ValueError(f"amplitude has {amplitude.shape[1]} channels but data.channels = "
                          f"{data_cfg.channels}")
-    if gradient_cfg.domain not in DOMAINS:
-        raise ValueError(f"gradient.domain = {gradient_cfg.domain!r} is not allowed; choose one of "
-                         f"{list(DOMAINS)}")
     a = amplitude if amplitude.dtype in (torch.float32, torch.float64) else amplitude.to(torch.float32)
     with autocast_off(a.device):
         return _prepare(a.clamp_min(0), data_cfg, gradient_cfg, need_t)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _model_helpers import one_thread, CHANS, PATCH, SCALES, tiny_inputs, tiny_masks, tiny_model  # noqa: F401
+from _model_helpers import one_thread, CHANS, PATCH, SCALES, tiny_cfg, tiny_inputs, tiny_masks, tiny_model  # noqa: F401
 from sarjepa_dist.config import OptimConfig
 from sarjepa_dist.engine import train_step
-from sarjepa_dist.model.jepa import SarJEPA, patchify
+from sarjepa_dist.model.jepa import SarJEPA, patchify, required_inputs
 from sarjepa_dist.optim import Schedules, build_optimizer
 
 MODES = ["ema-gradient", "ema-pixel", "gradient-features"]
@@ -51,6 +51,7 @@ def test_target_encoder_frozen_and_in_eval():
     ("gradient-features", "raw", ("gfeat", "x")), ("gradient-features", "gradient", ("gfeat", "gx")),
 ])
 def test_required_inputs(mode, domain, need):
+    assert required_inputs(tiny_cfg(target_mode=mode, context_domain=domain)) == need  # no model built
     assert tiny_model(target_mode=mode, context_domain=domain).required_inputs() == need
 
 
@@ -67,7 +68,6 @@ def test_every_trainable_param_gets_a_gradient(mode):
     assert not out["target"].requires_grad
     if mode == "gradient-features":
         assert model.target_encoder is None and model.target_dim == CHANS * SCALES * PATCH ** 2
-        assert model.eval_encoder is model.encoder
 
 
 def test_targets_are_layer_normed_full_image_tokens():

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sarjepa_dist.transforms import CONDITIONING_MODES, condition
+from sarjepa_dist.config import CONDITIONINGS
+from sarjepa_dist.transforms import condition
 
-MODES = list(CONDITIONING_MODES)
+MODES = list(CONDITIONINGS)
 
 
 def speckle(shape, gain: float = 1.0, seed: int = 0) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""gradient_by_ratio, sobel, gradient_domain and gradient_features against the METHOD.md §2 formula."""
+"""gradient_by_ratio, sobel and gradient_domain against the METHOD.md §2 formula."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from sarjepa_dist.transforms import (
     gradient_by_ratio,
     gradient_domain,
-    gradient_features,
     sobel,
 )
 
@@ -295,12 +294,3 @@ def test_sobel_of_log_ramp_and_gain():
     with pytest.raises(ValueError, match="2x2"):
         sobel(torch.ones(1, 1, 1, 8))
 
-
-def test_gradient_features_layout():
-    x = scene((2, 3, 40, 40), seed=12)
-    feats = gradient_features(x, (2, 5), EPS)
-    maps = gradient_by_ratio(x, (2, 5), EPS)
-    assert feats.shape == (2, 6, 40, 40)
-    for c in range(3):
-        for s in range(2):
-            assert torch.equal(feats[:, c * 2 + s], maps[:, c, s])

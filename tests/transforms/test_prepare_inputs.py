@@ -30,6 +30,17 @@ def cfgs(channels: int = 1, conditioning: str = "log", **grad) -> tuple[DataConf
     return data, gradient
 
 
+def test_gfeat_layout_is_channel_major():
+    data, grad = cfgs(channels=3, radii=(2, 5))
+    amp = scene(2, 3, 40, seed=12)
+    gfeat = prepare_inputs(amp, data, grad, ("gfeat",))["gfeat"]
+    maps = gradient_by_ratio(amp, (2, 5), grad.eps)
+    assert gfeat.shape == (2, 6, 40, 40)
+    for c in range(3):
+        for s in range(2):
+            assert torch.equal(gfeat[:, c * 2 + s], maps[:, c, s])
+
+
 @pytest.mark.parametrize("need", [("x",), ("gx",), ("gfeat",), ("x", "gx"), ("gfeat", "x", "gx")])
 def test_keys_shapes_dtypes(need):
     data, grad = cfgs(channels=2, radii=(3, 7, 11))
