@@ -67,6 +67,9 @@ LR_SCALINGS = ("linear", "none")
 TUNE_MODES = ("min", "max")
 FEWSHOT_METHODS = ("linear", "knn", "prototype")
 FEATURE_DOMAINS = ("context", "target")
+# How an encoder's patch tokens become one feature vector (model/pooling.py says what each means).
+FEATURE_POOLINGS = ("mean", "grid2", "grid4", "centre")
+PROBE_METHODS = ("knn", "linear")
 
 
 # --------------------------------------------------------------------------- validation helpers
@@ -101,12 +104,6 @@ def check_pair(key: str, pair: tuple[float, float], lo: float | None = None, hi:
     if pair[0] > pair[1]:
         raise ConfigError(f"{key} = {list(pair)} has low > high; write it as [low, high]")
 
-
-# --------------------------------------------------------------------------- allowed values
-
-# How an encoder's patch tokens become one feature vector (model/pooling.py says what each means).
-FEATURE_POOLINGS = ("mean", "grid2", "grid4", "centre")
-PROBE_METHODS = ("knn", "linear")
 
 # --------------------------------------------------------------------------- sections
 

@@ -84,6 +84,11 @@ class SarJEPA(nn.Module):
 
     # ------------------------------------------------------------------ training-mode bookkeeping
 
+    @property
+    def eval_encoder(self) -> MaskedViT:
+        """The encoder evaluation uses: the EMA one where it exists, else the context encoder."""
+        return self.target_encoder if self.target_encoder is not None else self.encoder
+
     def train(self, mode: bool = True) -> "SarJEPA":
         """As ``nn.Module.train``, but the target encoder stays in eval mode (no drop-path in targets)."""
         super().train(mode)

@@ -68,6 +68,9 @@ def test_every_trainable_param_gets_a_gradient(mode):
     assert not out["target"].requires_grad
     if mode == "gradient-features":
         assert model.target_encoder is None and model.target_dim == CHANS * SCALES * PATCH ** 2
+        assert model.eval_encoder is model.encoder
+    else:
+        assert model.eval_encoder is model.target_encoder
 
 
 def test_targets_are_layer_normed_full_image_tokens():
