@@ -35,6 +35,7 @@ from sarjepa_dist.data.shards import load_arrays
 from sarjepa_dist.engine import build_method, train_step
 from sarjepa_dist.fewshot.protocol import EncoderFeatures, run_protocol, summarise
 from sarjepa_dist.masks import mask_generator
+from sarjepa_dist.model.collapse import collapse_stats
 from sarjepa_dist.model.pooling import pool_tokens
 from sarjepa_dist.optim import Schedules, build_optimizer
 from sarjepa_dist.probe import build_probe_set, embed, run_probe
@@ -96,14 +97,23 @@ def pretrain(cfg: Any, chips: torch.Tensor, probe_set: Any, probe_cfg: ProbeConf
     key = eval_key(cfg)
     aug = cfg.data.augment
 
-    def probe(step: int, loss: float | None) -> None:
+    def probe(step: int, loss: float | None, inputs: Any = None, masks: Any = None) -> None:
         row = {"step": step, "loss": loss,
                **run_probe(model.eval_encoder, probe_set, key, probe_cfg, extra_poolings=POOLINGS)}
+        if inputs is not None:  # are the targets or the predictions collapsing? (eval mode, last batch)
+            model.eval()
+            with torch.no_grad():
+                out = model(inputs, masks)
+            model.train()
+            for part in ("target", "pred"):
+                stats = collapse_stats(out[part])
+                row[f"std_{part}"], row[f"eff_rank_{part}"] = stats["std"], stats["effective_rank"]
         curve.append(row)
         print(f"{log_prefix} step {step:5d} loss {loss if loss is None else round(loss, 4)} "
               f"knn {row['probe_knn']:.3f} " + " ".join(f"{p} {row.get(f'probe_knn/{p}', row['probe_knn']):.3f}"
                                                       for p in POOLINGS) +
-              f" eff-rank {row['probe_eff_rank']:.1f}", flush=True)
+              f" eff-rank {row['probe_eff_rank']:.1f} target/pred {row.get('eff_rank_target', 0):.1f}/"
+              f"{row.get('eff_rank_pred', 0):.1f}", flush=True)
 
     probe(0, None)
     model.train()
@@ -120,7 +130,7 @@ def pretrain(cfg: Any, chips: torch.Tensor, probe_set: Any, probe_cfg: ProbeConf
         sm = train_step(model, optimizer, schedules, inputs, masks, step, grad_clip=cfg.optim.grad_clip)
         train_s += time.perf_counter() - t0
         if (step + 1) % probe_cfg.every == 0 or step + 1 == cfg.train.steps:
-            probe(step + 1, float(sm.loss))
+            probe(step + 1, float(sm.loss), inputs, masks)
     return model, init_state, curve, train_s
 
 
