@@ -159,20 +159,6 @@ class _Spec:
     shard_prefix: str  # "s3://" when the read paths are bucket/key, "" for local paths
 
 
-def _decode_or_reason(data: Any, shape: Any, dtype: Any,
-                      expected: tuple[int, ...]) -> tuple[np.ndarray | None, shards.BadChip | None]:
-    try:
-        if shape is None or dtype is None:
-            raise shards.BadChip("undecodable", "chip_shape or chip_dtype is missing")
-        arr = shards.decode_chip(data, shape, dtype)
-        shards.check_chip(arr, expected)
-        return arr, None
-    except shards.BadChip as exc:
-        return None, exc
-    except (ValueError, TypeError) as exc:  # e.g. a negative dimension in chip_shape
-        return None, shards.BadChip("undecodable", str(exc))
-
-
 def _dry_run(spec: _Spec) -> None:
     """Push one synthetic chip through the transforms on the driver, so that a configuration the
     transforms reject (e.g. gradient radii too large for img_size) fails here, with its message,
@@ -212,8 +198,9 @@ def _process_batch(batch: pa.Table, *, spec: _Spec, tracker: BadRowTracker | Non
     bad: dict[str, int] = {}
     examples: list[dict[str, Any]] = []
     for i in range(n):
-        arr, err = _decode_or_reason(datas[i], shapes[i], dtypes[i], spec.expected_shape)
-        if err is not None:
+        try:
+            arr = shards.decode_checked(datas[i], shapes[i], dtypes[i], spec.expected_shape)
+        except shards.BadChip as err:
             bad[err.reason] = bad.get(err.reason, 0) + 1
             shard = f"{spec.shard_prefix}{paths[i]}" if paths[i] else "<unknown shard>"
             ex = {"chip_id": ids[i], "shard": shard, "reason": err.reason, "detail": err.detail}
