@@ -317,8 +317,9 @@ def read_npy_header(f) -> tuple[tuple[int, ...], np.dtype]:
 
 def list_sources(src: str, extensions: tuple[str, ...], missing: str) -> tuple[list[tuple[str, str]], int, bool]:
     """The input files under ``src`` as (uri, name) pairs, the number of other files ignored, and
-    whether ``src`` is itself the one file; ``IngestError(missing)`` when there is none. A file is
-    named relative to ``src``, or by its base name when ``src`` is the file."""
+    whether ``src`` is itself the one file. A file is named relative to ``src``, or by its base name
+    when ``src`` is the file. None there: ``IngestError`` with ``missing``, a message whose
+    ``{src}`` and ``{ignored}`` fields are filled in."""
     files, ignored = list_inputs(src, extensions)
     if not files:
         raise IngestError(missing.format(src=storage.redact(src), ignored=ignored))
