@@ -24,12 +24,12 @@ retried after a worker crash reports its rows again, so the counts are an upper 
 
 from __future__ import annotations
 
+import functools
 import logging
 import uuid
 import warnings
+from types import ModuleType
 from typing import Any
-
-import ray
 
 NAMESPACE = "sarjepa"
 _ACTOR_PREFIX = "sarjepa-badrows-"
@@ -62,9 +62,14 @@ class BadRowWarning(UserWarning):
     """A bad row was skipped; the message names its chip_id, shard file and reason."""
 
 
-@ray.remote(num_cpus=0, max_restarts=0)
+def _ray() -> ModuleType:
+    import ray  # here, not at the top: ingest, inspect and the CLI import the data layer without Ray
+
+    return ray
+
+
 class _BadRowCounter:
-    """The per-run tally. Zero CPUs: it must never take a CPU from Ray Data or the train workers."""
+    """The per-run tally (a Ray actor, see ``_counter_actor_class``)."""
 
     def __init__(self, max_examples: int = MAX_EXAMPLES):
         self._counts: dict[str, int] = {}
@@ -87,6 +92,13 @@ class _BadRowCounter:
         self._counts, self._seen, self._examples = {}, 0, []
 
 
+@functools.cache
+def _counter_actor_class() -> Any:
+    """``_BadRowCounter`` as a Ray actor class. Zero CPUs: it must never take a CPU from Ray Data or
+    the train workers."""
+    return _ray().remote(num_cpus=0, max_restarts=0)(_BadRowCounter)
+
+
 class BadRowTracker:
     """Handle on one run's bad-row tally (a named actor in namespace ``sarjepa``).
 
@@ -98,7 +110,7 @@ class BadRowTracker:
 
     def __init__(self, run_name: str | None = None):
         self.run_name = run_name or f"anon-{uuid.uuid4().hex[:12]}"
-        self._actor = _BadRowCounter.options(
+        self._actor = _counter_actor_class().options(
             name=_ACTOR_PREFIX + self.run_name, namespace=NAMESPACE, get_if_exists=True,
         ).remote()
         self._warned = 0  # examples already turned into warnings by this handle
@@ -108,7 +120,7 @@ class BadRowTracker:
         """The existing tracker of ``run_name`` (train workers); ``ValueError`` when there is none,
         rather than silently starting a fresh, empty tally under a mistyped name."""
         try:
-            ray.get_actor(_ACTOR_PREFIX + run_name, namespace=NAMESPACE)
+            _ray().get_actor(_ACTOR_PREFIX + run_name, namespace=NAMESPACE)
         except ValueError as exc:
             raise ValueError(f"no bad-row tracker for run {run_name!r}: build_dataset(..., run_name="
                              f"{run_name!r}) creates it; is the name the same?") from exc
@@ -127,14 +139,14 @@ class BadRowTracker:
     # -- writing (Ray Data tasks)
     def report(self, seen: int, bad: dict[str, int], examples: list[dict[str, Any]]) -> None:
         """Record one batch's tally; waits for the actor so counts never lag the delivered data."""
-        ray.get(self._actor.report.remote(seen, bad, examples))
+        _ray().get(self._actor.report.remote(seen, bad, examples))
 
     def reset(self) -> None:
-        ray.get(self._actor.reset.remote())
+        _ray().get(self._actor.reset.remote())
 
     # -- reading (driver, training loop)
     def snapshot(self) -> dict[str, Any]:
-        return ray.get(self._actor.snapshot.remote())
+        return _ray().get(self._actor.snapshot.remote())
 
     def counts(self) -> dict[str, int]:
         """Bad rows so far, by reason (``shards.BAD_REASONS``); cumulative over epochs."""
@@ -143,9 +155,6 @@ class BadRowTracker:
     def total_seen(self) -> int:
         """Rows looked at so far, good and bad; cumulative over epochs."""
         return int(self.snapshot()["seen"])
-
-    def total_bad(self) -> int:
-        return sum(self.counts().values())
 
     def examples(self) -> list[dict[str, Any]]:
         """The first bad rows met: dicts with chip_id, shard, reason, detail."""
@@ -184,4 +193,4 @@ class BadRowTracker:
 
     def kill(self) -> None:
         """End the actor (tests, or a driver that builds many runs); counts are lost."""
-        ray.kill(self._actor)
+        _ray().kill(self._actor)

@@ -19,7 +19,9 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from sarjepa_dist import storage
-from sarjepa_dist.data.shards import METADATA_COLUMNS, BadChip, check_chip, decode_chip, read_manifest
+from sarjepa_dist.data.shards import (
+    METADATA_COLUMNS, BadChip, Manifest, ShardInfo, decode_checked, read_manifest,
+)
 
 PERCENTILES = (0.1, 1, 5, 25, 50, 75, 95, 99, 99.9)
 PIXELS_PER_CHIP = 256  # pixels sampled from each chip for the percentile reservoir
@@ -96,6 +98,168 @@ def _summarise_quarantine(entries: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _shape_key(shape: list[int] | None, dtype: str | None) -> str:
+    return f"{'x'.join(str(s) for s in (shape or []))} {dtype}"
+
+
+class _MetadataStats:
+    """Per metadata column: rows that have a value, the range of numbers, the common strings."""
+
+    def __init__(self) -> None:
+        self.non_null: Counter[str] = Counter()
+        self.numeric_range: dict[str, list[float]] = {}
+        self.strings: dict[str, Counter[str]] = {}
+
+    def add(self, cols: dict[str, list[Any]], i: int) -> None:
+        for c in METADATA_COLUMNS:
+            v = cols[c][i]
+            if v is None:
+                continue
+            self.non_null[c] += 1
+            if isinstance(v, (int, float)):
+                lo_hi = self.numeric_range.setdefault(c, [float(v), float(v)])
+                lo_hi[0], lo_hi[1] = min(lo_hi[0], float(v)), max(lo_hi[1], float(v))
+            elif c != "source_path":
+                self.strings.setdefault(c, Counter())[str(v)] += 1
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for c in METADATA_COLUMNS:
+            m: dict[str, Any] = {"non_null": int(self.non_null.get(c, 0))}
+            if c in self.numeric_range:
+                m["min"], m["max"] = self.numeric_range[c]
+            if c in self.strings:
+                m["top_values"] = dict(self.strings[c].most_common(5))
+                m["distinct"] = len(self.strings[c])
+            out[c] = m
+        return out
+
+
+class _Scan:
+    """One pass over a dataset's shards, row by row, trusting only the bytes; ``problems`` collects
+    a sentence per inconsistency found."""
+
+    def __init__(self, root: str, manifest: Manifest, max_rows: int | None) -> None:
+        self.root, self.manifest, self.max_rows = root, manifest, max_rows
+        self.expected_shape = tuple(manifest.chip_shape)
+        self.problems: list[str] = []
+        self.shards: list[dict[str, Any]] = []
+        self.values = _ValueStats()
+        self.metadata = _MetadataStats()
+        self.per_class: Counter[str] = Counter()
+        self.shapes: Counter[str] = Counter()
+        self.bad: Counter[str] = Counter()
+        self.bad_examples: list[dict[str, Any]] = []
+        self.label_mismatch = 0
+        self.seen_ids: set[str] = set()
+        self.duplicates = 0
+        self.rows = 0
+        self.stopped_early = self.read_errors = False
+
+    @property
+    def row_limit_reached(self) -> bool:
+        return self.max_rows is not None and self.rows >= self.max_rows
+
+    @property
+    def complete(self) -> bool:
+        return not (self.stopped_early or self.read_errors)
+
+    def run(self) -> "_Scan":
+        for info in self.manifest.shards:
+            if self.row_limit_reached:
+                self.stopped_early = True
+                break
+            self.scan_shard(info)
+        self.check_totals()
+        return self
+
+    def scan_shard(self, info: ShardInfo) -> None:
+        entry: dict[str, Any] = {"path": info.path, "rows_manifest": info.rows, "bytes": info.bytes}
+        self.shards.append(entry)
+        parquet = self._open_shard(info, entry)
+        if parquet is None:
+            return
+        found = 0
+        for batch in parquet.iter_batches(batch_size=512):
+            cols = batch.to_pydict()
+            n = batch.num_rows if self.max_rows is None else min(batch.num_rows, self.max_rows - self.rows)
+            for i in range(n):
+                self.add_row(cols, i, info.path)
+            found += n
+            if self.row_limit_reached:
+                break
+        entry["rows_found"] = found
+        if found < info.rows and self.row_limit_reached:
+            self.stopped_early = True  # the row limit cut this shard short
+        elif found != info.rows:
+            self.problems.append(f"shard {info.path}: {found} rows, the manifest says {info.rows}")
+
+    def _open_shard(self, info: ShardInfo, entry: dict[str, Any]) -> pq.ParquetFile | None:
+        """The shard as a Parquet file, its sha256 checked; None (and a problem) when unreadable."""
+        try:
+            payload = storage.read_bytes(storage.join(self.root, info.path))
+        except OSError as exc:
+            entry["error"] = storage.redact(str(exc))
+            self.problems.append(f"shard {info.path} cannot be read: {entry['error']}")
+            self.read_errors = True
+            return None
+        entry["sha256_ok"] = hashlib.sha256(payload).hexdigest() == info.sha256
+        if not entry["sha256_ok"]:
+            self.problems.append(f"shard {info.path}: sha256 differs from the manifest (changed or truncated)")
+        try:
+            return pq.ParquetFile(io.BytesIO(payload))
+        except Exception as exc:  # pyarrow raises several types for corrupt files
+            entry["error"] = f"not a readable Parquet file ({exc})"
+            self.problems.append(f"shard {info.path}: {entry['error']}")
+            self.read_errors = True
+            return None
+
+    def add_row(self, cols: dict[str, list[Any]], i: int, shard_path: str) -> None:
+        self.rows += 1
+        cid = cols["chip_id"][i]
+        if cid in self.seen_ids:
+            self.duplicates += 1
+        self.seen_ids.add(cid)
+        shape, dtype = cols["chip_shape"][i], cols["chip_dtype"][i]
+        self.shapes[_shape_key(shape, dtype)] += 1
+        label, cname = cols["label"][i], cols["class_name"][i]
+        self.per_class[cname if cname is not None else "<unlabelled>"] += 1
+        names = self.manifest.class_names
+        if label is not None and names and (not 0 <= label < len(names) or names[label] != cname):
+            self.label_mismatch += 1
+        self.metadata.add(cols, i)
+        try:
+            chip = decode_checked(cols["chip"][i], shape, dtype, self.expected_shape)
+        except BadChip as exc:
+            self.bad[exc.reason] += 1
+            if len(self.bad_examples) < MAX_EXAMPLES:
+                self.bad_examples.append({"chip_id": cid, "shard": shard_path, "reason": exc.reason,
+                                          "detail": exc.detail})
+            return
+        self.values.add(chip)
+
+    def check_totals(self) -> None:
+        """Compare what the whole scan found with the manifest's claims."""
+        manifest = self.manifest
+        if self.complete and self.rows != manifest.num_chips:
+            self.problems.append(f"{self.rows} rows in the shards, the manifest says "
+                                 f"num_chips = {manifest.num_chips}")
+        if self.complete and manifest.per_class_counts != dict(self.per_class):
+            self.problems.append(f"per-class counts differ from the manifest: found "
+                                 f"{dict(sorted(self.per_class.items()))}, manifest {manifest.per_class_counts}")
+        if self.bad:
+            self.problems.append(f"{sum(self.bad.values())} rows fail decoding/validation: "
+                                 f"{dict(sorted(self.bad.items()))}")
+        if self.duplicates:
+            self.problems.append(f"{self.duplicates} duplicate chip_id values")
+        if self.label_mismatch:
+            self.problems.append(f"{self.label_mismatch} rows whose label and class_name disagree with class_names")
+        expected = _shape_key(manifest.chip_shape, manifest.chip_dtype)
+        other_shapes = {k: v for k, v in self.shapes.items() if k != expected}
+        if other_shapes:
+            self.problems.append(f"rows with a shape/dtype other than the manifest's: {other_shapes}")
+
+
 def inspect_dataset(uri: str, max_rows: int | None = None) -> dict[str, Any]:
     """Re-read the dataset at ``uri`` (up to ``max_rows`` rows) and describe it as a JSON-able dict.
 
@@ -107,125 +271,7 @@ def inspect_dataset(uri: str, max_rows: int | None = None) -> dict[str, Any]:
     sentences; empty when the dataset is consistent).
     """
     manifest = read_manifest(uri)
-    expected_shape = tuple(manifest.chip_shape)
-    problems: list[str] = []
-    shards_out: list[dict[str, Any]] = []
-    values = _ValueStats()
-    per_class: Counter[str] = Counter()
-    shapes: Counter[str] = Counter()
-    bad: Counter[str] = Counter()
-    bad_examples: list[dict[str, Any]] = []
-    label_mismatch = 0
-    seen_ids: set[str] = set()
-    duplicates = 0
-    meta_nonnull: Counter[str] = Counter()
-    meta_num: dict[str, list[float]] = {}
-    meta_str: dict[str, Counter[str]] = {}
-    rows = 0
-    stopped_early = read_errors = False
-
-    for info in manifest.shards:
-        if max_rows is not None and rows >= max_rows:
-            stopped_early = True
-            break
-        shard_uri = storage.join(uri, info.path)
-        entry: dict[str, Any] = {"path": info.path, "rows_manifest": info.rows, "bytes": info.bytes}
-        shards_out.append(entry)
-        try:
-            payload = storage.read_bytes(shard_uri)
-        except OSError as exc:
-            entry["error"] = storage.redact(str(exc))
-            problems.append(f"shard {info.path} cannot be read: {entry['error']}")
-            read_errors = True
-            continue
-        entry["sha256_ok"] = hashlib.sha256(payload).hexdigest() == info.sha256
-        if not entry["sha256_ok"]:
-            problems.append(f"shard {info.path}: sha256 differs from the manifest (changed or truncated)")
-        try:
-            pf = pq.ParquetFile(io.BytesIO(payload))
-        except Exception as exc:  # pyarrow raises several types for corrupt files
-            entry["error"] = f"not a readable Parquet file ({exc})"
-            problems.append(f"shard {info.path}: {entry['error']}")
-            read_errors = True
-            continue
-        found = 0
-        for batch in pf.iter_batches(batch_size=512):
-            cols = batch.to_pydict()
-            n = batch.num_rows
-            if max_rows is not None:
-                n = min(n, max_rows - rows)
-            for i in range(n):
-                rows += 1
-                found += 1
-                cid = cols["chip_id"][i]
-                if cid in seen_ids:
-                    duplicates += 1
-                seen_ids.add(cid)
-                shape, dtype = cols["chip_shape"][i], cols["chip_dtype"][i]
-                shapes[f"{'x'.join(str(s) for s in (shape or []))} {dtype}"] += 1
-                label, cname = cols["label"][i], cols["class_name"][i]
-                per_class[cname if cname is not None else "<unlabelled>"] += 1
-                if label is not None and manifest.class_names and (
-                        not 0 <= label < len(manifest.class_names) or manifest.class_names[label] != cname):
-                    label_mismatch += 1
-                for c in METADATA_COLUMNS:
-                    v = cols[c][i]
-                    if v is None:
-                        continue
-                    meta_nonnull[c] += 1
-                    if isinstance(v, (int, float)):
-                        lo_hi = meta_num.setdefault(c, [float(v), float(v)])
-                        lo_hi[0], lo_hi[1] = min(lo_hi[0], float(v)), max(lo_hi[1], float(v))
-                    elif c != "source_path":
-                        meta_str.setdefault(c, Counter())[str(v)] += 1
-                try:
-                    chip = decode_chip(cols["chip"][i], shape or (), dtype)
-                    check_chip(chip, expected_shape)
-                except BadChip as exc:
-                    bad[exc.reason] += 1
-                    if len(bad_examples) < MAX_EXAMPLES:
-                        bad_examples.append({"chip_id": cid, "shard": info.path, "reason": exc.reason,
-                                             "detail": exc.detail})
-                    continue
-                values.add(chip)
-            if max_rows is not None and rows >= max_rows:
-                break
-        entry["rows_found"] = found
-        if found < info.rows and max_rows is not None and rows >= max_rows:
-            stopped_early = True  # the row limit cut this shard short
-        elif found != info.rows:
-            problems.append(f"shard {info.path}: {found} rows, the manifest says {info.rows}")
-    complete = not (stopped_early or read_errors)
-
-    if complete and rows != manifest.num_chips:
-        problems.append(f"{rows} rows in the shards, the manifest says num_chips = {manifest.num_chips}")
-    if complete:
-        claimed = {k: v for k, v in manifest.per_class_counts.items()}
-        if claimed != dict(per_class):
-            problems.append(f"per-class counts differ from the manifest: found {dict(sorted(per_class.items()))}, "
-                            f"manifest {claimed}")
-    n_bad = sum(bad.values())
-    if n_bad:
-        problems.append(f"{n_bad} rows fail decoding/validation: {dict(sorted(bad.items()))}")
-    if duplicates:
-        problems.append(f"{duplicates} duplicate chip_id values")
-    if label_mismatch:
-        problems.append(f"{label_mismatch} rows whose label and class_name disagree with class_names")
-    other_shapes = {k: v for k, v in shapes.items()
-                    if k != f"{'x'.join(str(s) for s in expected_shape)} {manifest.chip_dtype}"}
-    if other_shapes:
-        problems.append(f"rows with a shape/dtype other than the manifest's: {other_shapes}")
-
-    metadata: dict[str, Any] = {}
-    for c in METADATA_COLUMNS:
-        m: dict[str, Any] = {"non_null": int(meta_nonnull.get(c, 0))}
-        if c in meta_num:
-            m["min"], m["max"] = meta_num[c]
-        if c in meta_str:
-            m["top_values"] = dict(meta_str[c].most_common(5))
-            m["distinct"] = len(meta_str[c])
-        metadata[c] = m
-
+    scan = _Scan(uri, manifest, max_rows).run()
     return {
         "uri": storage.redact(str(uri)),
         "lineage": {
@@ -240,16 +286,18 @@ def inspect_dataset(uri: str, max_rows: int | None = None) -> dict[str, Any]:
             "num_shards": len(manifest.shards), "bytes": int(sum(s.bytes for s in manifest.shards)),
         },
         "scan": {
-            "rows_scanned": rows, "complete": complete, "max_rows": max_rows, "shards": shards_out,
-            "shapes": dict(shapes), "duplicate_chip_ids": duplicates, "label_mismatches": label_mismatch,
+            "rows_scanned": scan.rows, "complete": scan.complete, "max_rows": max_rows, "shards": scan.shards,
+            "shapes": dict(scan.shapes), "duplicate_chip_ids": scan.duplicates,
+            "label_mismatches": scan.label_mismatch,
         },
-        "counts": {"per_class": dict(sorted(per_class.items())), "total": rows},
-        "values": values.summary(),
-        "bad_rows": {"total": n_bad, "by_reason": dict(sorted(bad.items())), "examples": bad_examples},
+        "counts": {"per_class": dict(sorted(scan.per_class.items())), "total": scan.rows},
+        "values": scan.values.summary(),
+        "bad_rows": {"total": sum(scan.bad.values()), "by_reason": dict(sorted(scan.bad.items())),
+                     "examples": scan.bad_examples},
         "quarantine": _summarise_quarantine(list(manifest.quarantine)),
-        "metadata": metadata,
+        "metadata": scan.metadata.summary(),
         "stats": dict(manifest.stats),
-        "problems": problems,
+        "problems": scan.problems,
     }
 
 

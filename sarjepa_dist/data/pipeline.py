@@ -70,6 +70,7 @@ from sarjepa_dist import storage
 from sarjepa_dist.config import ConfigError, DataConfig, GradientConfig
 from sarjepa_dist.data import shards
 from sarjepa_dist.data.badrows import BadDataError, BadRowTracker, BadRowWarning
+from sarjepa_dist.transforms import augment_batch, center_resize, prepare_inputs
 
 if TYPE_CHECKING:  # ray is imported lazily so that importing this module stays cheap
     import ray.data
@@ -131,8 +132,6 @@ def transform_chip(chip: np.ndarray, data_cfg: DataConfig, *, training: bool, ep
     Evaluation: centre crop-and-resize, no randomness. This is the reference the pipeline must
     match; call it to see what a chip looked like in a given epoch.
     """
-    from sarjepa_dist.transforms import augment_batch, center_resize
-
     x = torch.from_numpy(np.array(chip, dtype=np.float32, copy=True))[None]
     if training:
         aug = data_cfg.augment
@@ -159,26 +158,10 @@ class _Spec:
     shard_prefix: str  # "s3://" when the read paths are bucket/key, "" for local paths
 
 
-def _decode_or_reason(data: Any, shape: Any, dtype: Any,
-                      expected: tuple[int, ...]) -> tuple[np.ndarray | None, shards.BadChip | None]:
-    try:
-        if shape is None or dtype is None:
-            raise shards.BadChip("undecodable", "chip_shape or chip_dtype is missing")
-        arr = shards.decode_chip(data, shape, dtype)
-        shards.check_chip(arr, expected)
-        return arr, None
-    except shards.BadChip as exc:
-        return None, exc
-    except (ValueError, TypeError) as exc:  # e.g. a negative dimension in chip_shape
-        return None, shards.BadChip("undecodable", str(exc))
-
-
 def _dry_run(spec: _Spec) -> None:
     """Push one synthetic chip through the transforms on the driver, so that a configuration the
     transforms reject (e.g. gradient radii too large for img_size) fails here, with its message,
     instead of inside a Ray Data worker (data placement) or the first train step (device)."""
-    from sarjepa_dist.transforms import prepare_inputs
-
     c, h, w = spec.expected_shape
     chip = np.ones((c, h, w), dtype=np.float32)
     amp = transform_chip(chip, spec.data_cfg, training=spec.training, epoch=spec.epoch, chip_id="dry-run")
@@ -187,8 +170,6 @@ def _dry_run(spec: _Spec) -> None:
 
 def _empty_like_outputs(spec: _Spec) -> dict[str, np.ndarray]:
     """Zero-row outputs with the right trailing shapes (a batch whose rows were all bad)."""
-    from sarjepa_dist.transforms import prepare_inputs
-
     c, s = spec.expected_shape[0], spec.data_cfg.img_size
     dummy = torch.ones((1, c, s, s), dtype=torch.float32)
     if spec.data_cfg.transform_placement == "device":
@@ -212,8 +193,9 @@ def _process_batch(batch: pa.Table, *, spec: _Spec, tracker: BadRowTracker | Non
     bad: dict[str, int] = {}
     examples: list[dict[str, Any]] = []
     for i in range(n):
-        arr, err = _decode_or_reason(datas[i], shapes[i], dtypes[i], spec.expected_shape)
-        if err is not None:
+        try:
+            arr = shards.decode_checked(datas[i], shapes[i], dtypes[i], spec.expected_shape)
+        except shards.BadChip as err:
             bad[err.reason] = bad.get(err.reason, 0) + 1
             shard = f"{spec.shard_prefix}{paths[i]}" if paths[i] else "<unknown shard>"
             ex = {"chip_id": ids[i], "shard": shard, "reason": err.reason, "detail": err.detail}
@@ -238,8 +220,6 @@ def _process_batch(batch: pa.Table, *, spec: _Spec, tracker: BadRowTracker | Non
     if spec.data_cfg.transform_placement == "device":
         out["amplitude"] = amplitude.numpy()
     else:
-        from sarjepa_dist.transforms import prepare_inputs
-
         with torch.no_grad():
             feats = prepare_inputs(amplitude, spec.data_cfg, spec.gradient_cfg, need=spec.need)
         for k in spec.need:
@@ -306,7 +286,7 @@ def build_dataset(data_cfg: DataConfig, gradient_cfg: GradientConfig, *, need: S
 @contextlib.contextmanager
 def _parquet_reader(v1: bool) -> Iterator[None]:
     """Pick Ray's Parquet reader for one ``read_parquet`` call (a no-op where Ray has no V1)."""
-    import ray.data
+    import ray.data  # here, not at the top: importing the data layer must not import Ray
 
     ctx = ray.data.DataContext.get_current()
     if not v1 or not hasattr(ctx, "use_datasource_v2"):

@@ -106,6 +106,25 @@ def decode_chip(data: bytes, shape: Iterable[int], dtype: str) -> np.ndarray:
     return np.frombuffer(data, dtype=np_dtype).reshape(shape)
 
 
+def decode_checked(data: Any, shape: Any, dtype: Any,
+                   expected_shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """One shard row's ``chip`` / ``chip_shape`` / ``chip_dtype`` → a chip ``check_chip`` accepts.
+
+    Every way a row can fail (missing shape or dtype, bytes that do not fit, a shape numpy refuses,
+    a chip that fails ``check_chip``) raises ``BadChip`` with its reason.
+    """
+    if shape is None or dtype is None:
+        raise BadChip("undecodable", "chip_shape or chip_dtype is missing")
+    try:
+        chip = decode_chip(data, shape, dtype)
+        check_chip(chip, expected_shape)
+    except BadChip:
+        raise
+    except (ValueError, TypeError) as exc:  # e.g. a negative dimension in chip_shape
+        raise BadChip("undecodable", str(exc)) from exc
+    return chip
+
+
 # --------------------------------------------------------------------------- manifest
 
 
@@ -356,8 +375,8 @@ def load_arrays(root: str, max_rows: int | None = None) -> ChipArrays:
     cols = table.to_pydict()
     for i in range(table.num_rows):
         try:
-            arr = decode_chip(cols["chip"][i], cols["chip_shape"][i], cols["chip_dtype"][i])
-            check_chip(arr, tuple(manifest.chip_shape))
+            arr = decode_checked(cols["chip"][i], cols["chip_shape"][i], cols["chip_dtype"][i],
+                                 tuple(manifest.chip_shape))
         except BadChip as exc:
             bad[exc.reason] = bad.get(exc.reason, 0) + 1
             continue

@@ -71,6 +71,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from sarjepa_dist.config import ConfigError, check_choice, check_pair, check_range
+from sarjepa_dist.data.shards import ChipRecord, Manifest, ShardWriter
 
 BLOCK = 256  # chips per internal generation block (fixed: part of the definition of the dataset)
 SENSOR = "synthetic-xband"
@@ -232,41 +233,40 @@ def make_class_templates(num_classes: int, class_seed: int, resolution_m: float 
     return [_make_template(k, class_seed, resolution_m) for k in range(num_classes)]
 
 
-def _make_template(k: int, class_seed: int, resolution_m: float) -> TargetTemplate:
-    rng = np.random.default_rng([int(class_seed), int(k)])
+def _add_superstructure(rng: np.random.Generator, b: _Builder, boxes: list[list[float]], L: float, W: float,
+                        h: float) -> float:
+    """Maybe a turret / cabin box on the hull (its sides dihedrals with the hull roof) and a barrel;
+    appends their boxes and returns the vehicle's top height."""
     U = rng.uniform
-    b = _Builder(resolution_m / 2)
-    L, W, h = U(5.0, 10.0), U(2.4, 3.6), U(1.4, 2.4)
-    boxes = [[0.0, 0.0, L, W, 0.0, h]]
-    top = h
-    lognorm = lambda s_db: float(10 ** (rng.normal(0.0, s_db) / 20))  # noqa: E731
+    if not rng.random() < 0.75:
+        return h
+    ls, ws = U(0.25, 0.5) * L, U(0.55, 0.9) * W
+    us, vs = U(-0.5, 0.5) * (L - ls), U(-0.25, 0.25) * (W - ws)
+    top = h + U(0.5, 1.3)
+    boxes.append([us, vs, ls, ws, h, top])
+    for side in range(4):  # turret sides: dihedrals with the hull roof
+        if rng.random() < 0.55:
+            normal = side * math.pi / 2
+            along = ls if side % 2 else ws  # a side facing ±u runs along v (length ws)
+            cu = us + (ls / 2) * math.cos(normal)
+            cv = vs + (ws / 2) * math.sin(normal)
+            b.edge("turret_edge", cu, cv, h, along * U(0.6, 1.0), normal + math.pi / 2,
+                   U(1.0, 2.5), normal, math.radians(U(4, 10)), KIND_PLATE)
+    if rng.random() < 0.6:
+        bl = U(2.0, 4.5)
+        sgn = 1.0 if rng.random() < 0.7 else -1.0
+        cu = us + sgn * (ls / 2 + bl / 2) * 0.9
+        zb = top - U(0.15, 0.4)
+        boxes.append([cu, vs, bl, 0.3, zb - 0.1, zb + 0.1])
+        b.edge("barrel", cu, vs, zb, bl, 0.0, U(1.0, 2.5), math.pi / 2, math.radians(U(3, 6)),
+               KIND_CYLINDER)
+        b.point("muzzle", cu + sgn * bl / 2, vs, zb, U(0.4, 1.0), 0.0, 0.0)
+    return top
 
-    # superstructure (turret / cabin) and barrel
-    has_sup = rng.random() < 0.75
-    if has_sup:
-        ls, ws = U(0.25, 0.5) * L, U(0.55, 0.9) * W
-        us, vs = U(-0.5, 0.5) * (L - ls), U(-0.25, 0.25) * (W - ws)
-        top = h + U(0.5, 1.3)
-        boxes.append([us, vs, ls, ws, h, top])
-        for side in range(4):  # turret sides: dihedrals with the hull roof
-            if rng.random() < 0.55:
-                normal = side * math.pi / 2
-                along = ls if side % 2 else ws  # a side facing ±u runs along v (length ws)
-                cu = us + (ls / 2) * math.cos(normal)
-                cv = vs + (ws / 2) * math.sin(normal)
-                b.edge("turret_edge", cu, cv, h, along * U(0.6, 1.0), normal + math.pi / 2,
-                       U(1.0, 2.5), normal, math.radians(U(4, 10)), KIND_PLATE)
-        if rng.random() < 0.6:
-            bl = U(2.0, 4.5)
-            sgn = 1.0 if rng.random() < 0.7 else -1.0
-            cu = us + sgn * (ls / 2 + bl / 2) * 0.9
-            zb = top - U(0.15, 0.4)
-            boxes.append([cu, vs, bl, 0.3, zb - 0.1, zb + 0.1])
-            b.edge("barrel", cu, vs, zb, bl, 0.0, U(1.0, 2.5), math.pi / 2, math.radians(U(3, 6)),
-                   KIND_CYLINDER)
-            b.point("muzzle", cu + sgn * bl / 2, vs, zb, U(0.4, 1.0), 0.0, 0.0)
 
-    # side skirts / wheel lines (dihedrals with the ground) and discrete wheels
+def _add_side_dihedrals_and_wheels(rng: np.random.Generator, b: _Builder, L: float, W: float) -> None:
+    """Side skirts / wheel lines (dihedrals with the ground) and discrete wheels, on both sides."""
+    U = rng.uniform
     n_wheels = int(rng.integers(3, 8)) if rng.random() < 0.6 else 0
     wheel_span = U(0.6, 0.9) * L
     for sgn in (1.0, -1.0):
@@ -277,25 +277,43 @@ def _make_template(k: int, class_seed: int, resolution_m: float) -> TargetTempla
         for u in np.linspace(-wheel_span / 2, wheel_span / 2, n_wheels) if n_wheels else []:
             b.point("wheel", float(u), sgn * W / 2 * 0.95, 0.4, U(0.4, 1.2), sgn * math.pi / 2, 1.0)
 
-    # front and rear plates
+
+def _add_end_plates(rng: np.random.Generator, b: _Builder, L: float, W: float, h: float) -> None:
+    """Front and rear plates."""
+    U = rng.uniform
     for sgn in (1.0, -1.0):
         if rng.random() < 0.8:
             b.edge("end_plate", sgn * L / 2, U(-0.1, 0.1) * W, U(0.4, h), U(0.5, 1.0) * W, math.pi / 2,
                    U(0.8, 2.5), 0.0 if sgn > 0 else math.pi, math.radians(U(4, 12)), KIND_PLATE)
 
-    # a few odd internal edges (hatches, racks, stowage)
+
+def _add_internal_edges(rng: np.random.Generator, b: _Builder, L: float, W: float, h: float, top: float) -> None:
+    """A few odd internal edges (hatches, racks, stowage)."""
+    U = rng.uniform
     for _ in range(int(rng.integers(0, 4))):
         d = U(0, math.pi)
         b.edge("internal_edge", U(-0.4, 0.4) * L, U(-0.35, 0.35) * W, U(h * 0.6, top), U(0.8, 2.5), d,
                U(0.7, 2.0), d + math.pi / 2 * (1 if rng.random() < 0.5 else -1), math.radians(U(4, 12)),
                KIND_PLATE)
 
-    # hull-roof corners (trihedral-like, facing outward diagonally)
+
+def _lognormal_amplitude(rng: np.random.Generator, sigma_db: float) -> float:
+    return float(10 ** (rng.normal(0.0, sigma_db) / 20))
+
+
+def _add_roof_corners(rng: np.random.Generator, b: _Builder, L: float, W: float, h: float) -> None:
+    """Hull-roof corners (trihedral-like, facing outward diagonally)."""
     for su, sv in ((1, 1), (1, -1), (-1, 1), (-1, -1)):
         if rng.random() < 0.5:
-            b.point("corner", su * L / 2, sv * W / 2, h, lognorm(3.0) * 1.5, math.atan2(sv * W, su * L), 2.0)
+            b.point("corner", su * L / 2, sv * W / 2, h, _lognormal_amplitude(rng, 3.0) * 1.5,
+                    math.atan2(sv * W, su * L), 2.0)
 
-    # generic point scatterers (RCS log-normal, median amplitude 1)
+
+def _add_point_scatterers(rng: np.random.Generator, b: _Builder, boxes: list[list[float]], L: float, W: float,
+                          h: float) -> None:
+    """Generic point scatterers (RCS log-normal, median amplitude 1), some on the superstructure."""
+    U = rng.uniform
+    has_sup = len(boxes) > 1
     for _ in range(int(rng.integers(6, 17))):
         q = float(rng.choice([0.0, 1.0, 2.0, 4.0], p=[0.25, 0.3, 0.3, 0.15]))
         if has_sup and rng.random() < 0.3:
@@ -303,8 +321,22 @@ def _make_template(k: int, class_seed: int, resolution_m: float) -> TargetTempla
             u, v, z = bu + U(-0.5, 0.5) * bl_, bv + U(-0.5, 0.5) * bw, bt
         else:
             u, v, z = U(-0.48, 0.48) * L, U(-0.48, 0.48) * W, U(0.2, h)
-        b.point("point", u, v, z, lognorm(5.0), U(0, 2 * math.pi), q)
+        b.point("point", u, v, z, _lognormal_amplitude(rng, 5.0), U(0, 2 * math.pi), q)
 
+
+def _make_template(k: int, class_seed: int, resolution_m: float) -> TargetTemplate:
+    """One vehicle: a hull box, then its parts in a fixed order (the draws from ``rng`` define it)."""
+    rng = np.random.default_rng([int(class_seed), int(k)])
+    U = rng.uniform
+    b = _Builder(resolution_m / 2)
+    L, W, h = U(5.0, 10.0), U(2.4, 3.6), U(1.4, 2.4)
+    boxes = [[0.0, 0.0, L, W, 0.0, h]]
+    top = _add_superstructure(rng, b, boxes, L, W, h)
+    _add_side_dihedrals_and_wheels(rng, b, L, W)
+    _add_end_plates(rng, b, L, W, h)
+    _add_internal_edges(rng, b, L, W, h, top)
+    _add_roof_corners(rng, b, L, W, h)
+    _add_point_scatterers(rng, b, boxes, L, W, h)
     arr = np.asarray(b.rows, dtype=np.float64)
     return TargetTemplate(
         name=f"class_{k:02d}", length_m=L, width_m=W, height_m=top,
@@ -440,6 +472,22 @@ def _metadata(cfg: SynthConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 # --------------------------------------------------------------------------- rendering
 
 
+@dataclass
+class _Nuisance:
+    """One block's per-chip random draws (see ``_Renderer.draw_nuisance``)."""
+
+    phase: np.ndarray  # (n, G) per scatterer
+    amp_jitter: np.ndarray  # (n, G) log-normal amplitude factor
+    keep: np.ndarray  # (n, G) bool, False where a scatterer drops out
+    pos_jitter: np.ndarray  # (n, G, 2) horizontal position jitter, metres
+    shift: np.ndarray  # (n, 2) target translation, pixels (column, row)
+    clutter_db: np.ndarray  # (n,)
+    gain: np.ndarray  # (n,)
+    ramp_db: np.ndarray  # (n,)
+    ramp_dir: np.ndarray  # (n,) radians
+    texture: np.ndarray  # (n, S, S) gamma texture (ones without texture)
+
+
 class _Renderer:
     """Everything that is fixed for one config: templates, PSF table, clutter filter, texture upsampler."""
 
@@ -485,7 +533,7 @@ class _Renderer:
         return self.tex_up @ t @ self.tex_up.T
 
     # -- geometry
-    def masks(self, boxes: np.ndarray, theta: np.ndarray, tan_psi: np.ndarray, cx: np.ndarray,
+    def shadow_masks(self, boxes: np.ndarray, theta: np.ndarray, tan_psi: np.ndarray, cx: np.ndarray,
               cy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Footprint (ground hidden under a box standing on it) and shadow masks, (n, S, S) bool.
 
@@ -520,68 +568,89 @@ class _Renderer:
         return foot, shadow & ~foot
 
     # -- one block
-    def render(self, rng: np.random.Generator, labels: np.ndarray, depression: np.ndarray,
-               azimuth: np.ndarray, *, with_target: bool = True, with_gain: bool = True,
-               with_ramp: bool = True, return_masks: bool = False) -> dict[str, np.ndarray]:
-        cfg, bank = self.cfg, self.bank
-        n, S, G = len(labels), cfg.size, bank.num_groups
-        # ---- per-chip random draws, always in this order (the block's stream defines the chips)
-        phase_g = rng.uniform(0.0, 2 * np.pi, size=(n, G))
-        jit_g = 10 ** (rng.normal(0.0, cfg.amp_jitter_db, size=(n, G)) / 20)
-        keep_g = rng.random((n, G)) >= cfg.dropout
-        pos_g = rng.normal(0.0, cfg.position_jitter_m, size=(n, G, 2))
+    def draw_nuisance(self, rng: np.random.Generator, n: int) -> _Nuisance:
+        """Every per-chip random draw of a block, always in this order (the block's stream defines
+        the chips); only the speckle (``clutter_field``) draws after these."""
+        cfg, G = self.cfg, self.bank.num_groups
+        phase = rng.uniform(0.0, 2 * np.pi, size=(n, G))
+        amp_jitter = 10 ** (rng.normal(0.0, cfg.amp_jitter_db, size=(n, G)) / 20)
+        keep = rng.random((n, G)) >= cfg.dropout
+        pos_jitter = rng.normal(0.0, cfg.position_jitter_m, size=(n, G, 2))
         shift = rng.uniform(-cfg.translate_px, cfg.translate_px, size=(n, 2))
         clutter_db = cfg.clutter_to_target_db + rng.uniform(-1, 1, size=n) * cfg.clutter_jitter_db
         lg_lo, lg_hi = np.log(cfg.gain_range[0]), np.log(cfg.gain_range[1])
         gain = np.exp(lg_lo + rng.random(n) * (lg_hi - lg_lo))
         ramp_db = rng.random(n) * cfg.ramp_db
         ramp_dir = rng.uniform(0.0, 2 * np.pi, size=n)
-        tex = self.texture(rng, n)
+        return _Nuisance(phase, amp_jitter, keep, pos_jitter, shift, clutter_db, gain, ramp_db, ramp_dir,
+                         self.texture(rng, n))
 
-        theta = np.deg2rad(azimuth)
-        psi = np.deg2rad(depression)
-        tan_psi = np.tan(psi)
-        centre = (S - 1) / 2.0
-        cx, cy = centre + shift[:, 0], centre + shift[:, 1]
-        sig_c = 10 ** (clutter_db / 10)  # clutter intensity per pixel
-        var = (sig_c * 10 ** (cfg.noise_to_clutter_db / 10))[:, None, None] * np.ones((1, S, S))
-        out: dict[str, np.ndarray] = {"gain": gain if with_gain else np.ones(n)}
-
+    def render(self, rng: np.random.Generator, labels: np.ndarray, depression: np.ndarray,
+               azimuth: np.ndarray, *, with_target: bool = True, with_gain: bool = True,
+               with_ramp: bool = True, return_masks: bool = False) -> dict[str, np.ndarray]:
+        """One block of chips: scatterers through the PSF over shadowed, textured clutter → speckle
+        → gain and illumination ramp. Returns ``chips`` (n, 1, S, S), ``gain`` and, with
+        ``return_masks``, ``footprint_mask`` / ``shadow_mask``."""
+        n = len(labels)
+        nz = self.draw_nuisance(rng, n)
+        theta, tan_psi = np.deg2rad(azimuth), np.tan(np.deg2rad(depression))
+        centre = (self.cfg.size - 1) / 2.0
+        cx, cy = centre + nz.shift[:, 0], centre + nz.shift[:, 1]
+        clutter = 10 ** (nz.clutter_db / 10)  # clutter intensity per pixel
+        out: dict[str, np.ndarray] = {"gain": nz.gain if with_gain else np.ones(n)}
+        target = foot = shadow = None
         if with_target:
-            foot, shadow = self.masks(bank.boxes[labels], theta, tan_psi, cx, cy)
-            visible = ~(foot | shadow)
-            var = var + sig_c[:, None, None] * (tex * visible
-                                                 + 10 ** (cfg.body_to_clutter_db / 10) * foot)
-            target = self.target_image(labels, theta, tan_psi, cx, cy, phase_g, jit_g, keep_g, pos_g)
+            foot, shadow = self.shadow_masks(self.bank.boxes[labels], theta, tan_psi, cx, cy)
+            target = self.scatterer_image(labels, theta, tan_psi, cx, cy, nz)
             if return_masks:
                 out["footprint_mask"], out["shadow_mask"] = foot, shadow
-        else:
-            var = var + sig_c[:, None, None] * tex
-            target = None
-        looks = self.clutter_field(rng, var.astype(np.float32), cfg.looks)  # (n, L, S, S)
+        variance = self.ground_variance(clutter, nz.texture, foot, shadow)
+        amplitude = self.speckle(rng, variance, target)
+        out["chips"] = self.illuminate(amplitude, out["gain"], nz.ramp_db, nz.ramp_dir, with_ramp)
+        return out
+
+    def ground_variance(self, clutter: np.ndarray, texture: np.ndarray, foot: np.ndarray | None,
+                        shadow: np.ndarray | None) -> np.ndarray:
+        """Local variance of the ground return (n, S, S): receiver noise everywhere, plus textured
+        clutter where the ground is seen and weaker diffuse body returns over the footprint; the
+        shadow keeps only the noise. Without masks (no target) the whole chip is clutter."""
+        cfg, S = self.cfg, self.cfg.size
+        var = (clutter * 10 ** (cfg.noise_to_clutter_db / 10))[:, None, None] * np.ones((1, S, S))
+        if foot is None or shadow is None:
+            return var + clutter[:, None, None] * texture
+        visible = ~(foot | shadow)
+        return var + clutter[:, None, None] * (texture * visible + 10 ** (cfg.body_to_clutter_db / 10) * foot)
+
+    def speckle(self, rng: np.random.Generator, variance: np.ndarray, target: np.ndarray | None) -> np.ndarray:
+        """Amplitude (n, S, S): the coherent target plus one clutter realisation per look, intensity
+        averaged over the looks."""
+        looks = self.clutter_field(rng, variance.astype(np.float32), self.cfg.looks)  # (n, L, S, S)
         if target is not None:
             looks += target[:, None]
-        inten = np.mean(looks.real ** 2 + looks.imag ** 2, axis=1)  # (n, S, S)
-        amp = np.sqrt(inten)
-        scale = np.asarray(out["gain"], dtype=np.float32)[:, None, None]
+        intensity = np.mean(looks.real ** 2 + looks.imag ** 2, axis=1)
+        return np.sqrt(intensity)
+
+    def illuminate(self, amplitude: np.ndarray, gain: np.ndarray, ramp_db: np.ndarray, ramp_dir: np.ndarray,
+                   with_ramp: bool) -> np.ndarray:
+        """The global gain and the slow linear illumination ramp (in dB across the chip): (n, 1, S, S)."""
+        S = self.cfg.size
+        scale = np.asarray(gain, dtype=np.float32)[:, None, None]
         if with_ramp:
-            g = (self.grid - centre) / S
+            g = (self.grid - (S - 1) / 2.0) / S
             proj = (np.cos(ramp_dir)[:, None, None] * g[None, None, :]
                     + np.sin(ramp_dir)[:, None, None] * g[None, :, None])
             scale = scale * (10 ** (ramp_db[:, None, None] * proj / 20)).astype(np.float32)
-        out["chips"] = (amp * scale).astype(np.float32)[:, None]
-        return out
+        return (amplitude * scale).astype(np.float32)[:, None]
 
-    def target_image(self, labels: np.ndarray, theta: np.ndarray, tan_psi: np.ndarray, cx: np.ndarray,
-                     cy: np.ndarray, phase_g: np.ndarray, jit_g: np.ndarray, keep_g: np.ndarray,
-                     pos_g: np.ndarray) -> np.ndarray:
+    def scatterer_image(self, labels: np.ndarray, theta: np.ndarray, tan_psi: np.ndarray, cx: np.ndarray,
+                     cy: np.ndarray, nz: _Nuisance) -> np.ndarray:
         """Coherent sum of every scatterer through the separable PSF: (n, S, S) complex64."""
         bank, dx = self.bank, self.cfg.pixel_spacing_m
         grp = bank.group[labels]  # (n, K)
         pos = bank.pos[labels]
         take = lambda a: np.take_along_axis(a, grp, axis=1)  # noqa: E731
-        u = pos[..., 0] + np.take_along_axis(pos_g[..., 0], grp, axis=1)
-        v = pos[..., 1] + np.take_along_axis(pos_g[..., 1], grp, axis=1)
+        u = pos[..., 0] + np.take_along_axis(nz.pos_jitter[..., 0], grp, axis=1)
+        v = pos[..., 1] + np.take_along_axis(nz.pos_jitter[..., 1], grp, axis=1)
         z = pos[..., 2]
         s, c = np.sin(theta)[:, None], np.cos(theta)[:, None]
         col = cx[:, None] + (u * c - v * s) / dx
@@ -597,8 +666,8 @@ class _Renderer:
         flash = np.abs(np.sinc(d_edge / np.where(lobe > 0, lobe, 1.0)))
         flash = np.where(d_edge < np.pi / 2, np.maximum(flash, 0.05), 0.0)
         pattern = np.where(kind == KIND_POINT, pattern_pt, flash)
-        a = bank.amp[labels] * pattern * take(jit_g) * take(keep_g)
-        ph = take(phase_g)
+        a = bank.amp[labels] * pattern * take(nz.amp_jitter) * take(nz.keep)
+        ph = take(nz.phase)
         hr = self.psf(self.grid[None, None, :] - row[..., None].astype(np.float32))  # (n, K, S)
         hc = self.psf(self.grid[None, None, :] - col[..., None].astype(np.float32))
         hr_t = np.swapaxes(hr, 1, 2)  # (n, S, K)
@@ -708,15 +777,13 @@ def clutter_only(cfg: SynthConfig, n: int | None = None, *, with_gain: bool = Fa
 
 
 def write_synthetic_dataset(dest: str, cfg: SynthConfig, target_shard_mib: float = 128.0,
-                            command: list[str] | None = None):
+                            command: list[str] | None = None) -> Manifest:
     """Generate ``cfg``'s chips block by block and write them as a chip-shard dataset at ``dest``.
 
     Rows follow dataset order; ``chip_id`` is ``synth-<seed>-<index:07d>``; the manifest's ``source``
     is ``synthetic:<all params as JSON>`` and ``stats`` holds the config and template summaries.
     Returns the :class:`~sarjepa_dist.data.shards.Manifest`.
     """
-    from sarjepa_dist.data.shards import ChipRecord, ShardWriter
-
     cfg.validate()
     templates = make_class_templates(cfg.num_classes, cfg.class_seed, cfg.resolution_m)
     names = [t.name for t in templates]

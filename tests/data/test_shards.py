@@ -180,6 +180,28 @@ def test_encode_decode():
         encode_chip(np.zeros((1, 2, 2), np.complex64))
 
 
+def test_decode_checked_turns_every_failure_into_bad_chip():
+    chip = np.arange(1, 13, dtype=np.float32).reshape(1, 3, 4)
+    data, shape, dtype = encode_chip(chip)
+    np.testing.assert_array_equal(shards.decode_checked(data, shape, dtype, (1, 3, 4)), chip)
+    nan = chip.copy()
+    nan[0, 0, 0] = np.nan
+    cases = [
+        ((data, None, dtype, None), "undecodable", "missing"),
+        ((data, shape, None, None), "undecodable", "missing"),
+        ((data[:-4], shape, dtype, None), "undecodable", "bytes"),
+        ((data, shape, "not-a-dtype", None), "undecodable", "unknown dtype"),
+        ((data, [-1, -1, 12], dtype, None), "undecodable", "unknown dimension"),  # numpy's ValueError
+        ((data, [None, 3, 4], dtype, None), "undecodable", "int"),  # a TypeError from int(None)
+        ((data, shape, dtype, (1, 4, 3)), "wrong_shape", "expected"),
+        ((encode_chip(nan)[0], shape, dtype, None), "nan_or_inf", "non-finite"),
+    ]
+    for args, reason, detail in cases:
+        with pytest.raises(BadChip) as ei:
+            shards.decode_checked(*args)
+        assert ei.value.reason == reason and detail in ei.value.detail, (args[1:], ei.value)
+
+
 def test_load_arrays_counts_bad_rows(tmp_path):
     """Rows that slipped past ingest (here written directly) are counted by reason, not fatal."""
     root = str(tmp_path / "ds")
