@@ -89,35 +89,16 @@ def run_pretrain(cfg: Config, *, callbacks: Sequence[Any] | None = None,
     tracker_name = cfg.train.name
     dataset = build_dataset(cfg.data, cfg.gradient, need=need, training=True, epoch=0, run_name=tracker_name,
                             manifest=manifest)
-
-    fs, fs_path = storage.resolve(cfg.train.storage_path)
     uri = run_uri(cfg)
     info = RunInfo(name=cfg.train.name, run_uri=uri, dataset_id=manifest.dataset_id,
                    dataset_path=cfg.data.path, bad_rows_run_name=tracker_name, need=need,
                    trainer_dataset_epoch=0)
-    resources: dict[str, float] = {"CPU": float(cfg.train.cpus_per_worker)}
-    if cfg.train.use_gpu:
-        resources["GPU"] = 1.0
-    resources.update(resources_per_worker or {})
-
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "run": asdict(info), "step_hooks": list(step_hooks)},
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
-                                     resources_per_worker=resources, placement_strategy=placement_strategy),
-        run_config=RunConfig(
-            name=cfg.train.name,
-            storage_path=fs_path,
-            storage_filesystem=fs,
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
-            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            callbacks=list(callbacks or []),
-            # Endpoint, region and SARJEPA_* switches for the train workers. Credentials travel in
-            # the job's runtime_env (cluster.ray_init) or the nodes' own environment: Train V2
-            # publishes worker_runtime_env in its run state, so no secret goes in here.
-            worker_runtime_env={"env_vars": worker_env(secrets=False)},
-        ),
+        scaling_config=_scaling_config(cfg, resources_per_worker, placement_strategy),
+        run_config=_run_config(cfg, callbacks),
         datasets={"train": dataset},
     )
     _log.info("pretraining %s: %d worker(s), %d steps, storage %s", cfg.train.name, cfg.train.num_workers,
@@ -133,3 +114,29 @@ def run_pretrain(cfg: Config, *, callbacks: Sequence[Any] | None = None,
     return PretrainResult(name=cfg.train.name, storage_path=uri, latest_checkpoint_uri=latest,
                           final_step=final_step, metrics_history=history, dataset_id=manifest.dataset_id,
                           metrics=metrics)
+
+
+def _scaling_config(cfg: Config, resources_per_worker: dict[str, float] | None,
+                    placement_strategy: str) -> ScalingConfig:
+    resources: dict[str, float] = {"CPU": float(cfg.train.cpus_per_worker)}
+    if cfg.train.use_gpu:
+        resources["GPU"] = 1.0
+    resources.update(resources_per_worker or {})
+    return ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                         resources_per_worker=resources, placement_strategy=placement_strategy)
+
+
+def _run_config(cfg: Config, callbacks: Sequence[Any] | None) -> RunConfig:
+    filesystem, storage_path = storage.resolve(cfg.train.storage_path)
+    return RunConfig(
+        name=cfg.train.name,
+        storage_path=storage_path,
+        storage_filesystem=filesystem,
+        checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
+        failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+        callbacks=list(callbacks or []),
+        # Endpoint, region and SARJEPA_* switches for the train workers. Credentials travel in
+        # the job's runtime_env (cluster.ray_init) or the nodes' own environment: Train V2
+        # publishes worker_runtime_env in its run state, so no secret goes in here.
+        worker_runtime_env={"env_vars": worker_env(secrets=False)},
+    )
