@@ -95,7 +95,7 @@ class StepView:
 # runs collectives must run them on every rank). What it returns is merged into this rank's next
 # report; only rank 0's report reaches Ray's results. A hook that raises fails the worker, which
 # Ray restarts from the latest checkpoint (train.max_failures).
-StepHook = Callable[[StepView], "Mapping[str, Any] | None"]
+StepHook = Callable[[StepView], Mapping[str, Any] | None]
 
 
 @dataclass
