@@ -180,7 +180,8 @@ class RssSampler:
 def consume(cfg: DataConfig, grad: GradientConfig, *, epoch: int, step_ms: float = 0.0,
             need: tuple[str, ...] = ("x", "gx")) -> dict[str, Any]:
     """One epoch through one consumer; per-batch wait times and the totals."""
-    from sarjepa_dist.data.pipeline import build_dataset, dataset_tracker, iter_train_batches
+    from sarjepa_dist.data.pipeline import build_dataset, dataset_tracker
+    from sarjepa_dist.train.batches import iter_train_batches
 
     quiet_ray_data()
     load0 = load()

@@ -39,14 +39,14 @@ is (it is not, in general).
 
 ``epoch`` is baked into a dataset when it is built (augmentation and file order depend on it).
 Build one dataset per epoch (``build_dataset(..., epoch=e)``; inside Ray Train,
-``train_shard_for_epoch`` does it on rank 0 and hands each rank its split). Re-iterating the same
+``train.batches.epoch_shard`` does it on rank 0 and hands each rank its split). Re-iterating the same
 dataset repeats the same augmentations, which is right for evaluation but not for pretraining.
 
 Equal batches on every rank (Ray issue 66085: a rank with one batch more than the others waits in
 an all-reduce forever). Training splits with ``streaming_split(n, equal=True)`` — which is what Ray
 Train's default ``DataConfig`` does for ``datasets={"train": ds}`` — so every rank receives the
 same number of rows (up to n − 1 rows of the epoch are dropped to make that so), and
-``iter_train_batches`` drops the last partial batch per rank (``drop_last=True``, up to
+``train.batches.iter_train_batches`` drops the last partial batch per rank (``drop_last=True``, up to
 batch_size − 1 rows per rank). In total fewer than ``world_size × batch_size`` good chips are left
 out of an epoch; which chips they are changes from epoch to epoch with the file order and
 scheduling. Evaluation uses ``equal=False`` and ``drop_last=False``: every good chip exactly once.
@@ -77,8 +77,7 @@ if TYPE_CHECKING:  # ray is imported lazily so that importing this module stays 
 
 __all__ = [
     "BadDataError", "BadRowTracker", "BadRowWarning", "NEED_KEYS", "build_dataset", "chip_seed",
-    "dataset_tracker", "file_shuffle_seed", "iter_train_batches", "split_for_consumers",
-    "train_shard_for_epoch", "transform_chip",
+    "dataset_tracker", "file_shuffle_seed", "split_for_consumers", "transform_chip",
 ]
 
 logger = logging.getLogger(__name__)
@@ -88,8 +87,6 @@ READ_COLUMNS = ["chip_id", "chip", "chip_shape", "chip_dtype", "label"]
 UDF_BATCH_ROWS = 128  # rows per map_batches call: big enough to amortise the per-call cost
 MAX_LOGGED_BAD_ROWS = 5  # per map_batches call, in the Ray Data worker log
 MAX_REPORTED_EXAMPLES = 10  # per map_batches call, sent to the tracker (counts are always complete)
-BAD_CHECK_EVERY = 50  # batches between bad-fraction checks in iter_train_batches
-BAD_CHECK_MIN_SEEN = 1000  # rows seen before a mid-epoch check may stop the run
 # Ray 2.60 routes read_parquet through "datasource V2" by default; its listing step starts a pool
 # of footer-reader actors on every execution, i.e. once per epoch here (a new dataset per epoch),
 # which measured 4-25 s per epoch on a loaded 2-core machine against 0.3 s for the V1 reader
@@ -238,7 +235,8 @@ def _check_need(need: Sequence[str]) -> tuple[str, ...]:
 
 def build_dataset(data_cfg: DataConfig, gradient_cfg: GradientConfig, *, need: Sequence[str] = ("x", "gx"),
                   training: bool = True, epoch: int = 0, run_name: str | None = None,
-                  tracker: BadRowTracker | None = None) -> "ray.data.Dataset":
+                  tracker: BadRowTracker | None = None,
+                  manifest: shards.Manifest | None = None) -> "ray.data.Dataset":
     """The lazy Ray Data graph over the shard dataset at ``data_cfg.path`` for one epoch.
 
     Rows: ``chip_id`` (str), ``label`` (int64, -1 unlabelled) and either ``amplitude``
@@ -249,16 +247,16 @@ def build_dataset(data_cfg: DataConfig, gradient_cfg: GradientConfig, *, need: S
 
     Bad rows are counted in the ``BadRowTracker`` of ``run_name`` (created when missing; a fresh
     anonymous one without a name), reachable as ``dataset_tracker(ds)`` or, from train workers,
-    ``BadRowTracker.attach(run_name)``. Pass ``tracker`` to reuse a handle you already hold.
+    ``BadRowTracker.attach(run_name)``. Pass ``tracker`` to reuse a handle you already hold, and
+    ``manifest`` when you already read the dataset's manifest (else it is read here).
     The transforms are tried on one synthetic chip here, so a bad configuration fails now.
     """
     import ray.data
     from ray.data import FileShuffleConfig
 
-    data_cfg.validate()
-    gradient_cfg.validate()
     need = _check_need(need)
-    manifest = shards.read_manifest(data_cfg.path)
+    if manifest is None:
+        manifest = shards.read_manifest(data_cfg.path)
     expected = tuple(int(s) for s in manifest.chip_shape)
     if len(expected) != 3:
         raise shards.ShardError(f"{data_cfg.path}: manifest chip_shape {list(expected)} is not C x H x W")
@@ -324,98 +322,3 @@ def split_for_consumers(ds: "ray.data.Dataset", n: int, equal: bool = True,
     if hints is not None and len(hints) != n:
         raise ValueError(f"locality_hints has {len(hints)} node ids for {n} consumers")
     return ds.streaming_split(n, equal=equal, locality_hints=hints)
-
-
-def train_shard_for_epoch(data_cfg: DataConfig, gradient_cfg: GradientConfig, *, epoch: int,
-                          need: Sequence[str] = ("x", "gx"), run_name: str | None = None,
-                          equal: bool = True,
-                          locality_hints: Sequence[str] | None = None) -> "ray.data.DataIterator":
-    """This Ray Train worker's stream for one epoch; call it on every rank with the same arguments.
-
-    Rank 0 builds the epoch's dataset and splits it into ``world_size`` iterators
-    (``equal=True``); ``broadcast_from_rank_zero`` hands every rank the list and each keeps its
-    own. Use this rather than ``TorchTrainer(datasets=...)`` + ``get_dataset_shard``: that fixes
-    one dataset for the whole run, i.e. one augmentation draw and one file order for every epoch.
-    Pass ``run_name`` so the bad-row tally is shared across epochs (create the tracker on the
-    driver first, ``BadRowTracker(run_name)``, so that it outlives any one worker).
-    ``locality_hints``: the ranks' node ids in rank order (Ray Train has no all-gather to find
-    them here; a loop that already has them passes them for multi-node locality).
-    """
-    import ray.train
-    from ray.train.collective import broadcast_from_rank_zero
-
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    iterators = None
-    if rank == 0:
-        ds = build_dataset(data_cfg, gradient_cfg, need=need, training=True, epoch=epoch, run_name=run_name)
-        iterators = split_for_consumers(ds, world, equal=equal, locality_hints=locality_hints)
-    iterators = broadcast_from_rank_zero(iterators)
-    return iterators[rank]
-
-
-# --------------------------------------------------------------------------- consuming
-
-
-def _train_rank() -> int:
-    try:
-        import ray.train
-
-        return int(ray.train.get_context().get_world_rank())
-    except Exception:  # not inside a Ray Train worker
-        return 0
-
-
-def _to_torch(batch: dict[str, np.ndarray], device: torch.device | str) -> dict[str, Any]:
-    device = torch.device(device)
-    out: dict[str, Any] = {}
-    for k, v in batch.items():
-        if k == "chip_id":
-            out[k] = [str(s) for s in v]
-            continue
-        arr = np.asarray(v)
-        if not arr.flags.writeable:  # zero-copy views of the object store are read-only
-            arr = arr.copy()
-        t = torch.from_numpy(arr)
-        if device.type != "cpu":
-            t = t.pin_memory().to(device, non_blocking=True)
-        out[k] = t
-    return out
-
-
-def iter_train_batches(dataset_shard: "ray.data.DataIterator", data_cfg: DataConfig, *, epoch: int,
-                       device: torch.device | str = "cpu", rank: int | None = None, drop_last: bool = True,
-                       shuffle: bool = True, tracker: BadRowTracker | None = None,
-                       prefetch_batches: int = 2) -> Iterator[dict[str, Any]]:
-    """This rank's batches for one epoch: tensors on ``device`` plus ``chip_id`` (list of str).
-
-    Batches hold exactly ``data_cfg.batch_size`` rows: the last partial batch is dropped
-    (``drop_last=True``) so that, with ``split_for_consumers(..., equal=True)``, every rank takes
-    the same number of steps. ``shuffle`` uses a local buffer of ``data_cfg.shuffle_buffer`` rows
-    seeded by (seed, epoch, rank); ``rank`` defaults to the Ray Train world rank (0 outside Train).
-    For evaluation pass ``drop_last=False, shuffle=False`` over an ``equal=False`` split.
-
-    With ``tracker``, bad rows met so far are turned into ``BadRowWarning``s and the bad fraction
-    is checked every ``BAD_CHECK_EVERY`` batches (once ``BAD_CHECK_MIN_SEEN`` rows were seen) and
-    at the end of the epoch; ``BadDataError`` stops the run when it exceeds
-    ``data_cfg.max_bad_fraction``.
-    """
-    rank = _train_rank() if rank is None else rank
-    buffer = data_cfg.shuffle_buffer if shuffle and data_cfg.shuffle_buffer > 0 else None
-    batches = dataset_shard.iter_batches(
-        batch_size=data_cfg.batch_size, batch_format="numpy", drop_last=drop_last,
-        local_shuffle_buffer_size=buffer,
-        local_shuffle_seed=local_shuffle_seed(data_cfg.seed, epoch, rank) if buffer else None,
-        prefetch_batches=prefetch_batches,
-    )
-    for i, batch in enumerate(batches):
-        yield _to_torch(batch, device)
-        if tracker is not None and (i + 1) % BAD_CHECK_EVERY == 0:
-            tracker.warn_new(tracker.check(data_cfg.max_bad_fraction, min_seen=BAD_CHECK_MIN_SEEN))
-    if tracker is not None:
-        try:
-            snap = tracker.check(data_cfg.max_bad_fraction)
-        except BadDataError:
-            tracker.warn_new()
-            raise
-        tracker.warn_new(snap)

@@ -1,59 +1,45 @@
 """The per-worker training loop that Ray Train runs on every rank (``train_loop_per_worker``).
 
-It is a thin shell around the pure-torch step (``engine.train_step``): it builds the model with
-one seed on every rank, restores the latest checkpoint Ray hands it, streams this rank's shard of
-the Ray Data pipeline, and reports metrics (every ``log_every`` steps) and checkpoints (every
-``checkpoint_every`` steps and at the end).
-
-Rules the loop keeps, and why:
-
-* **Every rank calls ``ray.train.report`` at the same steps.** Train V2 synchronises a report
-  across ranks (the checkpoint folder name is broadcast from rank 0), so a rank that skipped one
-  would hang the others. Only rank 0 passes a checkpoint; the others pass ``checkpoint=None``,
-  which the controller merges into rank 0's. Only rank 0's metrics reach ``Result.metrics``, so
-  figures from the other ranks (e.g. their parameter hashes) are gathered into rank 0's report.
-* **A crash never corrupts a checkpoint.** Rank 0 writes a complete folder in a local temporary
-  directory first; ``ray.train.report`` copies it to storage and only then records it in the run's
-  checkpoint index, so a half-uploaded folder is never resumed from.
-* **Ranks agree on every step.** Before each step the ranks all-reduce "I have a batch" (one tiny
-  collective on a CPU gloo group, so it never stalls the CUDA stream). If one rank's shard runs out
-  a batch early, every rank ends the epoch together instead of deadlocking in DDP's all-reduce.
-* **A fresh dataset per epoch.** The pipeline bakes the epoch into a dataset (augmentation seeds
-  and file order), so re-iterating one dataset would repeat every crop and flip each epoch. The
-  epoch a launch starts in streams from the dataset the driver passed to the trainer
-  (``datasets={"train": ds}``, split by Ray Train with ``equal=True``); every later epoch is
-  built here by rank 0 with ``build_dataset(epoch=e)`` and split the same way
-  (``streaming_split(world, equal=True)`` with the ranks' nodes as locality hints), and the
-  split iterators are broadcast to the ranks.
-* **Resume is by step.** Schedules, the EMA ramp and the mask generator are functions of the
-  global step (masks: ``mask_generator(seed, rank, step)``), so resuming at a saved step
-  continues every curve exactly; the data position (epoch, batches consumed in it) is restored
-  by skipping that many batches of the resumed epoch (Ray Data's streaming order is not
-  bit-reproducible across runs, so this restores *how much* of the epoch was seen, not which
-  chips).
+A thin shell around the pure-torch step (``engine.train_step``), in the shape of Ray Train's
+``TorchTrainer`` examples: set up (model, optimiser, the checkpoint Ray hands back), then for each
+epoch, for each batch: step, run the step hooks, and every ``train.log_every`` steps report
+(checkpointing every ``train.checkpoint_every`` steps and at the end). Each rule the loop keeps is
+stated beside the lines that keep it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
-import shutil
 import tempfile
 import time
 import uuid
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
+import ray
+import ray.train
+import ray.train.torch
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from sarjepa_dist import storage
 from sarjepa_dist.config import Config, config_from_dict
+from sarjepa_dist.data.badrows import BadRowTracker
+from sarjepa_dist.engine import StepMetrics, build_method, make_inputs_on_device, train_step
+from sarjepa_dist.masks import MaskBatch, mask_generator
+from sarjepa_dist.model.collapse import collapse_stats
+from sarjepa_dist.model.io import load_checkpoint_dir, save_checkpoint_dir
+from sarjepa_dist.optim import Schedules, build_optimizer
+from sarjepa_dist.train.batches import epoch_shard, iter_train_batches
+from sarjepa_dist.train.metrics import IntervalMeter, TensorBoardLogger, format_progress
 
-__all__ = ["RunInfo", "LoopState", "train_loop_per_worker", "param_checksum", "FAULT_STEP_ENV", "FAULT_MARKER_ENV"]
+__all__ = ["RunInfo", "LoopState", "StepView", "StepHook", "train_loop_per_worker", "param_checksum"]
 
 _log = logging.getLogger(__name__)
 # The console progress line. A logger, not print(): Train V2 tees print() into both stdout and the
@@ -61,16 +47,7 @@ _log = logging.getLogger(__name__)
 _progress = logging.getLogger("sarjepa_dist.train.progress")
 
 HISTORY_FILE = "metrics_history.jsonl"
-# Fault injection for tests of the failure path: raise once at this step on rank
-# SARJEPA_FAULT_RANK (default 0), creating the marker file so the restarted worker carries on.
-FAULT_STEP_ENV = "SARJEPA_FAULT_AT_STEP"
-FAULT_MARKER_ENV = "SARJEPA_FAULT_MARKER"
-FAULT_RANK_ENV = "SARJEPA_FAULT_RANK"
 COLLAPSE_SUBSAMPLE = 16  # chips of the current batch used for the collapse figures
-
-
-class InjectedFault(RuntimeError):
-    """Raised by the fault-injection hook (tests of FailureConfig restarts)."""
 
 
 @dataclass
@@ -103,7 +80,32 @@ class LoopState:
         return cls(**known)
 
 
-# --------------------------------------------------------------------------- small helpers
+@dataclass(frozen=True)
+class StepView:
+    """What a step hook sees after an optimiser step: ``step`` steps are done on this rank."""
+
+    step: int
+    rank: int
+    world_size: int
+    model: torch.nn.Module  # this rank's replica, unwrapped (no DDP, not compiled)
+    cfg: Config
+
+
+# Called on every rank after every step (a hook picks its own steps and ranks, and a hook that
+# runs collectives must run them on every rank). What it returns is merged into this rank's next
+# report; only rank 0's report reaches Ray's results. A hook that raises fails the worker, which
+# Ray restarts from the latest checkpoint (train.max_failures).
+StepHook = Callable[[StepView], Mapping[str, Any] | None]
+
+
+@dataclass
+class _Fetched:
+    """One batch that every rank has, with the timings the interval meter needs."""
+
+    batch: dict[str, Any]
+    global_chips: int  # chips in this step over all ranks
+    started: float  # perf_counter() before asking for the batch
+    wait_s: float  # time blocked on the pipeline
 
 
 def param_checksum(module: torch.nn.Module) -> str:
@@ -115,24 +117,13 @@ def param_checksum(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def _maybe_inject_fault(step: int, rank: int) -> None:
-    at = os.environ.get(FAULT_STEP_ENV)
-    marker = os.environ.get(FAULT_MARKER_ENV)
-    if not at or not marker or int(at) != step or rank != int(os.environ.get(FAULT_RANK_ENV, "0")):
-        return
-    if os.path.exists(marker):
-        return
-    with open(marker, "w") as f:
-        f.write(f"fault injected at step {step} on rank {rank}\n")
-    raise InjectedFault(f"injected fault at step {step} on rank {rank} ({FAULT_STEP_ENV})")
-
-
 def _batch_size(inputs: dict[str, torch.Tensor]) -> int:
     return int(next(iter(inputs.values())).shape[0])
 
 
 class _Collectives:
-    """Control-plane collectives on a CPU (gloo) group; no-ops in a one-rank run."""
+    """Control-plane collectives on a CPU (gloo) group, so they never stall the CUDA stream; no-ops
+    in a one-rank run."""
 
     def __init__(self, world_size: int):
         self.world_size = world_size
@@ -156,107 +147,277 @@ class _Collectives:
         return out
 
 
-# --------------------------------------------------------------------------- the loop
-
-
 class _Trainer:
-    """State of one rank's training; ``run`` is the loop. Split into methods so each concern reads alone."""
+    """One rank's training: ``__init__`` sets up, ``run`` is the loop."""
 
     def __init__(self, loop_config: dict[str, Any]):
-        import ray
-        import ray.train
-        import ray.train.torch
-
         self.cfg: Config = config_from_dict(loop_config["config"])
         self.info = RunInfo(**loop_config["run"])
-        cfg = self.cfg
-        storage.configure(cfg.storage.endpoint_url, cfg.storage.region)
+        self.hooks: list[StepHook] = list(loop_config.get("step_hooks") or ())
+        storage.configure(self.cfg.storage.endpoint_url, self.cfg.storage.region)
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
-        if self.device.type == "cuda":
-            torch.set_float32_matmul_precision("high")  # TF32 for the fp32 parts outside bf16 autocast
-        self.total = cfg.train.steps
+        self.total = self.cfg.train.steps
         self.coll = _Collectives(self.world)
         # Node of every rank: locality hints when this loop splits a later epoch's dataset.
         self.node_ids: list[str] = self.coll.gather(ray.get_runtime_context().get_node_id())
 
-        from sarjepa_dist.engine import build_method
-        from sarjepa_dist.optim import Schedules, build_optimizer
-
-        # Identical init on every rank (DDP broadcasts rank 0's weights too, but identical
-        # construction also makes a one-rank run and a restarted run repeatable).
-        torch.manual_seed(cfg.train.seed)
-        self.model, self.sampler = build_method(cfg)
-        self.model.to(self.device)
-        self.need = self.model.required_inputs()
-        self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.schedules = Schedules(cfg.optim, self.total,
-                                   lr_scale=cfg.optim.scale_for(cfg.data.batch_size * self.world))
+        self._build_method()
         self.state = LoopState(world_size=self.world, schedules=self.schedules.state_dict())
         self.history: list[dict[str, Any]] = []
         self.resumed_from: int | None = None
         self._restore(ray.train.get_checkpoint())
         # Per-rank RNG streams for anything outside the mask generator (e.g. drop-path).
-        torch.manual_seed(cfg.train.seed * 1_000_003 + self.rank * 7919 + self.state.step)
+        torch.manual_seed(self.cfg.train.seed * 1_000_003 + self.rank * 7919 + self.state.step)
+        self.forward_net = self._wrap_model()
+        self.hook_metrics: dict[str, Any] = {}  # returned by step hooks since the last report
 
-        self.ddp = None
-        if self.world > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp = DDP(self.model, device_ids=ids)
-        self.forward_net = self.ddp
-        if cfg.train.compile:
-            self.forward_net = torch.compile(self.ddp if self.ddp is not None else self.model)
-        self.autocast = torch.bfloat16 if (cfg.train.amp and self.device.type == "cuda") else None
-
+        # Rank 0 keeps the run's telemetry: the bad-row tally and the TensorBoard event files.
         self.tracker = None
         if self.info.bad_rows_run_name and self.rank == 0:
-            from sarjepa_dist.data.badrows import BadRowTracker
-
             self.tracker = BadRowTracker(self.info.bad_rows_run_name)
-        self.tb = None
-        self._tb_staging: str | None = None
-        if self.rank == 0:
-            from sarjepa_dist.train.metrics import TensorBoardLogger
+        self.tb = TensorBoardLogger(self.info.run_uri) if self.rank == 0 else None
 
-            if storage.is_s3(self.info.run_uri):
-                self._tb_staging = tempfile.mkdtemp(prefix="sarjepa-tb-")
-            self.tb = TensorBoardLogger(self.info.run_uri, self._tb_staging)
+    def _build_method(self) -> None:
+        """Model, mask sampler, optimiser and schedules."""
+        cfg = self.cfg
+        if self.device.type == "cuda":
+            torch.set_float32_matmul_precision("high")  # TF32 for the fp32 parts outside bf16 autocast
+        # Identical init on every rank (DDP broadcasts rank 0's weights too, but identical
+        # construction also makes a one-rank run and a restarted run repeatable).
+        torch.manual_seed(cfg.train.seed)
+        self.model, self.sampler = build_method(cfg)
+        self.model.to(self.device)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.schedules = Schedules(cfg.optim, self.total,
+                                   lr_scale=cfg.optim.scale_for(cfg.data.batch_size * self.world))
+        self.autocast = torch.bfloat16 if (cfg.train.amp and self.device.type == "cuda") else None
 
-    # ------------------------------------------------------------------ checkpoints
+    def _wrap_model(self) -> torch.nn.Module | None:
+        """What the step runs forward through: DDP over the ranks, compiled if asked (None: the model)."""
+        net = None
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            net = DistributedDataParallel(self.model, device_ids=ids)
+        if self.cfg.train.compile:
+            net = torch.compile(net if net is not None else self.model)
+        return net
 
-    def _restore(self, checkpoint: Any) -> None:
-        if checkpoint is None:
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> list[dict[str, Any]]:
+        # The epoch the driver built the trainer's dataset for streams from Ray Train's split of it
+        # (datasets={"train": ds}, split with equal=True like every later epoch).
+        trainer_shard = ray.train.get_dataset_shard("train")
+        self.meter = IntervalMeter()
+        self.model.train()
+        try:
+            # Epochs until the step budget is spent; a resumed run starts in its saved epoch.
+            for epoch in itertools.count(self.state.epoch):
+                if self.state.step >= self.total:
+                    break
+                # Resume is by step: skip the batches of the saved epoch that were consumed before
+                # (Ray Data's streaming order is not bit-reproducible, so this restores how much of
+                # the epoch was seen, not which chips).
+                skip = self.state.batches_in_epoch if epoch == self.state.epoch else 0
+                self.state.epoch, self.state.batches_in_epoch = epoch, skip
+                batches = self._agreed_batches(self._epoch_shard(epoch, trainer_shard))
+                for fetched in itertools.islice(batches, skip, None):
+                    step_metrics, inputs, masks = self._step(fetched)
+                    self._run_hooks()
+                    if self._report_due():
+                        self._report(step_metrics, inputs, masks)
+                    if self.state.step >= self.total:
+                        break
+        finally:
+            if self.tb is not None:
+                self.tb.close()
+        return self.history
+
+    # ------------------------------------------------------------------ data
+
+    def _epoch_shard(self, epoch: int, trainer_shard: Any) -> Any:
+        """This rank's ``DataIterator`` for ``epoch``."""
+        if epoch == self.info.trainer_dataset_epoch and trainer_shard is not None:
+            return trainer_shard
+        # A fresh dataset per epoch: the pipeline bakes the epoch into the augmentation seeds and the
+        # file order, so re-iterating one dataset would repeat every crop and flip.
+        return epoch_shard(self.cfg.data, self.cfg.gradient, epoch=epoch, rank=self.rank, world=self.world,
+                           need=self.info.need, run_name=self.info.bad_rows_run_name,
+                           locality_hints=self.node_ids, group=self.coll.group)
+
+    def _agreed_batches(self, shard: Any) -> Iterator[_Fetched]:
+        """This rank's batches of one epoch, as long as every rank has one."""
+        batches = iter(iter_train_batches(shard, self.cfg.data, epoch=self.state.epoch, device=self.device,
+                                          rank=self.rank))
+        got_any = False
+        while True:
+            started = time.perf_counter()
+            batch = next(batches, None)
+            wait_s = time.perf_counter() - started
+            local_chips = 0 if batch is None else len(batch["chip_id"])
+            # Ranks agree on every step with this tiny all-reduce: if one rank's shard runs out a
+            # batch early, every rank ends the epoch here instead of deadlocking in DDP's all-reduce.
+            have, chips = self.coll.sum([0.0 if batch is None else 1.0, float(local_chips)])
+            if have < self.world:
+                break
+            got_any = True
+            yield _Fetched(batch, int(chips), started, wait_s)
+        if not got_any:
+            raise RuntimeError(
+                f"epoch {self.state.epoch} gave no batches on some rank: the dataset at "
+                f"{storage.redact(self.info.dataset_path)} has fewer good chips than "
+                f"data.batch_size ({self.cfg.data.batch_size}) x train.num_workers ({self.world})")
+
+    # ------------------------------------------------------------------ one step
+
+    def _step(self, fetched: _Fetched) -> tuple[StepMetrics, dict[str, torch.Tensor], MaskBatch]:
+        cfg = self.cfg
+        inputs = make_inputs_on_device(fetched.batch, cfg.data, cfg.gradient, self.info.need, self.device)
+        # Masks are a function of (seed, rank, step), so a resumed run draws the masks it would have.
+        gen = mask_generator(cfg.train.seed, self.rank, self.state.step)
+        masks = self.sampler.sample(_batch_size(inputs), gen).to(self.device)
+        step_metrics = train_step(self.model, self.optimizer, self.schedules, inputs, masks, self.state.step,
+                                  grad_clip=cfg.optim.grad_clip, autocast_dtype=self.autocast,
+                                  ddp_model=self.forward_net)
+        self.state.step += 1
+        self.state.batches_in_epoch += 1
+        self.state.chips_seen += fetched.global_chips
+        # The loss stays a device tensor until a report (no per-step host sync on GPU).
+        self.meter.add(wait_s=fetched.wait_s, step_s=time.perf_counter() - fetched.started,
+                       chips=fetched.global_chips, loss=step_metrics.loss)
+        return step_metrics, inputs, masks
+
+    def _run_hooks(self) -> None:
+        view = StepView(step=self.state.step, rank=self.rank, world_size=self.world, model=self.model,
+                        cfg=self.cfg)
+        for hook in self.hooks:
+            self.hook_metrics.update(hook(view) or {})
+
+    # ------------------------------------------------------------------ reports and checkpoints
+
+    def _checkpoint_due(self) -> bool:
+        step = self.state.step
+        return step % self.cfg.train.checkpoint_every == 0 or step >= self.total
+
+    def _report_due(self) -> bool:
+        return self.state.step % self.cfg.train.log_every == 0 or self._checkpoint_due()
+
+    def _report(self, step_metrics: StepMetrics, inputs: dict[str, torch.Tensor], masks: MaskBatch) -> None:
+        checkpoint_due = self._checkpoint_due()
+        metrics = self._metrics(step_metrics, inputs, masks, checkpoint_due)
+        if self.rank != 0:
+            # Every rank reports at the same steps: Train V2 synchronises a report across ranks (rank
+            # 0 broadcasts the checkpoint folder name), so a rank that skipped one would hang the rest.
+            ray.train.report(metrics, checkpoint=None)
             return
-        from sarjepa_dist.model.io import load_checkpoint_dir
+        checkpoint_id = f"checkpoint_{self.state.step:08d}_{uuid.uuid4().hex[:6]}" if checkpoint_due else None
+        if checkpoint_id is not None:
+            metrics["checkpoint_id"] = checkpoint_id
+        self.history.append(dict(metrics))  # before saving: a checkpoint holds its own report
+        self.tb.log(metrics, self.state.step)
+        with self._staged_checkpoint(checkpoint_id) as checkpoint:
+            _progress.info("[sarjepa] %s%s", format_progress(metrics, self.total),
+                           f" | checkpoint {checkpoint_id}" if checkpoint_id else "")
+            # Ray copies the checkpoint folder to storage and only then records it in the run's
+            # checkpoint index; the other ranks' reports (no checkpoint) merge into this one.
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_id)
 
-        with checkpoint.as_directory() as d:
-            # RNG: not restored from rng.pt (that is rank 0's state); every rank reseeds from
-            # (seed, rank, step) below, which is as repeatable and right for every rank.
-            state, meta = load_checkpoint_dir(d, self.model, self.optimizer, restore_rng=False,
-                                              map_location=self.device)
-            hist_path = os.path.join(d, HISTORY_FILE)
-            if os.path.exists(hist_path):
-                with open(hist_path) as f:
-                    self.history = [json.loads(line) for line in f if line.strip()]
-        self.state = LoopState.from_dict(state)
-        self.schedules.load_state_dict(self.state.schedules or self.schedules.state_dict())
-        self.state.schedules = self.schedules.state_dict()
-        if self.state.world_size != self.world:
-            _log.warning("checkpoint was written by %d workers, this run has %d; the data position "
-                         "(batches consumed per rank) is approximate", self.state.world_size, self.world)
-            self.state.world_size = self.world
-        self.resumed_from = self.state.step
-        if self.rank == 0:
-            _progress.info("[sarjepa] resuming %s from checkpoint %s at step %d (epoch %d, %d batches into it)",
-                           self.info.name, meta.get("checkpoint_id"), self.state.step, self.state.epoch,
-                           self.state.batches_in_epoch)
+    def _metrics(self, step_metrics: StepMetrics, inputs: dict[str, torch.Tensor], masks: MaskBatch,
+                 checkpoint_due: bool) -> dict[str, Any]:
+        """One report's figures; the cross-rank ones are collectives, run on every rank in this order."""
+        metrics = self._interval_metrics(step_metrics)
+        if checkpoint_due:
+            metrics.update(self._replica_metrics())
+        if self.rank == 0:  # rank 0's own figures (only its report reaches Ray's results)
+            metrics.update(self._collapse(inputs, masks))
+            metrics.update(self._bad_row_metrics())
+        metrics.update(self.hook_metrics)
+        self.hook_metrics = {}
+        return metrics
+
+    def _interval_metrics(self, step_metrics: StepMetrics) -> dict[str, Any]:
+        """The last step's figures and the interval's since the last report (loss and wait over ranks)."""
+        last = step_metrics.to_dict()
+        interval = self.meter.flush()
+        loss_sum, wait_sum = self.coll.sum([interval["loss_mean"], interval["data_wait_fraction"]])
+        wait_max = max(self.coll.gather(interval["data_wait_fraction"]))
+        return {
+            "step": self.state.step,
+            "total_steps": self.total,
+            "epoch": self.state.epoch,
+            "loss": loss_sum / self.world,
+            "loss_last": last["loss"],
+            "lr": last["lr"],
+            "wd": last["wd"],
+            "tau": last["tau"],
+            "grad_norm": last["grad_norm"],
+            "chips_per_s": interval["chips_per_s"],
+            "chips_per_s_wall": interval["chips_per_s_wall"],  # reports and checkpoints included
+            "ms_per_step": interval["ms_per_step"],
+            "data_wait_fraction": wait_sum / self.world,
+            "data_wait_fraction_max": wait_max,
+            "chips_seen": self.state.chips_seen,
+            "world_size": self.world,
+            "transform_placement": self.cfg.data.transform_placement,
+            "resumed_from_step": -1 if self.resumed_from is None else self.resumed_from,
+        }
+
+    def _replica_metrics(self) -> dict[str, Any]:
+        """Every rank's weight hash (DDP must keep the replicas bitwise equal) and node, gathered
+        into every report because only rank 0's reaches Ray's results."""
+        sums = self.coll.gather(param_checksum(self.model))
+        return {"param_sha256": sums[0], "param_sha256_per_rank": sums, "ranks_in_sync": len(set(sums)) == 1,
+                "worker_nodes": list(self.node_ids)}
+
+    @torch.no_grad()
+    def _collapse(self, inputs: dict[str, torch.Tensor], masks: MaskBatch) -> dict[str, float]:
+        """std / effective rank of target and predicted embeddings on a few chips (eval mode: no drop-path)."""
+        n = min(COLLAPSE_SUBSAMPLE, _batch_size(inputs))
+        sub = {k: v[:n] for k, v in inputs.items()}
+        sub_masks = MaskBatch(masks.context[:n], masks.targets[:n])
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            ctx = torch.autocast(self.device.type, dtype=self.autocast) if self.autocast else nullcontext()
+            with ctx:
+                out = self.model(sub, sub_masks)
+        finally:
+            self.model.train(was_training)
+        tgt, pred = collapse_stats(out["target"]), collapse_stats(out["pred"])
+        return {"std_target": tgt["std"], "eff_rank_target": tgt["effective_rank"],
+                "std_pred": pred["std"], "eff_rank_pred": pred["effective_rank"]}
+
+    def _bad_row_metrics(self) -> dict[str, Any]:
+        """This launch's bad-row tally (all epochs); stops the run past data.max_bad_fraction."""
+        if self.tracker is None:
+            return {}
+        data = self.cfg.data
+        snap = self.tracker.check(data.max_bad_fraction, min_seen=10 * data.batch_size)
+        metrics: dict[str, Any] = {"bad_rows_total": sum(snap["counts"].values()), "bad_rows_seen": snap["seen"]}
+        for reason, n in sorted(snap["counts"].items()):
+            metrics[f"bad_rows/{reason}"] = n
+        self.tracker.warn_new(snap)
+        return metrics
+
+    @contextmanager
+    def _staged_checkpoint(self, checkpoint_id: str | None) -> Iterator[ray.train.Checkpoint | None]:
+        """Rank 0's checkpoint for one report, or None.
+
+        A crash never corrupts a checkpoint: the folder is written complete in a local temporary
+        directory, which lives until ``ray.train.report`` has copied it to storage.
+        """
+        if checkpoint_id is None:
+            yield None
+            return
+        with tempfile.TemporaryDirectory(prefix="sarjepa-ckpt-", ignore_cleanup_errors=True) as staging:
+            folder = os.path.join(staging, checkpoint_id)
+            self._write_checkpoint(folder, checkpoint_id)
+            self.tb.sync()  # the TensorBoard events reach storage with every checkpoint
+            yield ray.train.Checkpoint.from_directory(folder)
 
     def _write_checkpoint(self, directory: str, checkpoint_id: str) -> dict[str, Any]:
-        from sarjepa_dist.model.io import save_checkpoint_dir
-
         meta = {
             "run_name": self.info.name,
             "step": self.state.step,
@@ -275,197 +436,38 @@ class _Trainer:
                 f.write(json.dumps(row, default=str) + "\n")
         return written
 
-    # ------------------------------------------------------------------ data
-
-    def _epoch_shard(self, epoch: int, trainer_shard: Any) -> Any:
-        """This rank's ``DataIterator`` for ``epoch`` (see the module docstring: a dataset per epoch)."""
-        if epoch == self.info.trainer_dataset_epoch and trainer_shard is not None:
-            return trainer_shard
-        from sarjepa_dist.data.pipeline import build_dataset
-
-        splits: list[Any] = [None]
+    def _restore(self, checkpoint: ray.train.Checkpoint | None) -> None:
+        if checkpoint is None:
+            return
+        with checkpoint.as_directory() as d:
+            # RNG: not restored from rng.pt (that is rank 0's state); every rank reseeds from
+            # (seed, rank, step) after this, which is as repeatable and right for every rank.
+            state, meta = load_checkpoint_dir(d, self.model, self.optimizer, restore_rng=False,
+                                              map_location=self.device)
+            hist_path = os.path.join(d, HISTORY_FILE)
+            if os.path.exists(hist_path):
+                with open(hist_path) as f:
+                    self.history = [json.loads(line) for line in f if line.strip()]
+        # Resume is by step: the schedules, the EMA ramp and the mask generator are functions of
+        # the global step, so every curve continues exactly from the saved one.
+        self.state = LoopState.from_dict(state)
+        self.schedules.load_state_dict(self.state.schedules or self.schedules.state_dict())
+        self.state.schedules = self.schedules.state_dict()
+        if self.state.world_size != self.world:
+            _log.warning("checkpoint was written by %d workers, this run has %d; the data position "
+                         "(batches consumed per rank) is approximate", self.state.world_size, self.world)
+            self.state.world_size = self.world
+        self.resumed_from = self.state.step
         if self.rank == 0:
-            ds = build_dataset(self.cfg.data, self.cfg.gradient, need=self.info.need, training=True,
-                               epoch=epoch, run_name=self.info.bad_rows_run_name)
-            if self.world == 1:
-                splits = [[ds.iterator()]]
-            else:
-                splits = [ds.streaming_split(self.world, equal=True, locality_hints=self.node_ids)]
-        if self.world > 1:
-            dist.broadcast_object_list(splits, src=0, group=self.coll.group)
-        return splits[0][self.rank]
-
-    def _batches(self, shard: Any) -> Iterator[dict[str, Any]]:
-        from sarjepa_dist.data.pipeline import iter_train_batches
-
-        return iter(iter_train_batches(shard, self.cfg.data, epoch=self.state.epoch, device=self.device,
-                                       rank=self.rank))
-
-    # ------------------------------------------------------------------ reporting
-
-    @torch.no_grad()
-    def _collapse(self, inputs: dict[str, torch.Tensor], masks: Any) -> dict[str, float]:
-        """std / effective rank of target and predicted embeddings on a few chips (eval mode: no drop-path)."""
-        from sarjepa_dist.masks import MaskBatch
-        from sarjepa_dist.model.collapse import collapse_stats
-
-        n = min(COLLAPSE_SUBSAMPLE, _batch_size(inputs))
-        sub = {k: v[:n] for k, v in inputs.items()}
-        sub_masks = MaskBatch(masks.context[:n], masks.targets[:n])
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            ctx = torch.autocast(self.device.type, dtype=self.autocast) if self.autocast else nullcontext()
-            with ctx:
-                out = self.model(sub, sub_masks)
-        finally:
-            self.model.train(was_training)
-        tgt, pred = collapse_stats(out["target"]), collapse_stats(out["pred"])
-        return {"std_target": tgt["std"], "eff_rank_target": tgt["effective_rank"],
-                "std_pred": pred["std"], "eff_rank_pred": pred["effective_rank"]}
-
-    def _report(self, step_metrics: dict[str, float], interval: dict[str, float],
-                inputs: dict[str, torch.Tensor], masks: Any, checkpoint_due: bool) -> None:
-        import ray.train
-
-        cfg = self.cfg
-        # Cross-rank figures (every rank takes part in these collectives).
-        loss_mean, wait_mean, wait_max = self._reduce_interval(interval)
-        metrics: dict[str, Any] = {
-            "step": self.state.step,
-            "total_steps": self.total,
-            "epoch": self.state.epoch,
-            "loss": loss_mean,
-            "loss_last": step_metrics["loss"],
-            "lr": step_metrics["lr"],
-            "wd": step_metrics["wd"],
-            "tau": step_metrics["tau"],
-            "grad_norm": step_metrics["grad_norm"],
-            "chips_per_s": interval["chips_per_s"],
-            "chips_per_s_wall": interval["chips_per_s_wall"],  # reports and checkpoints included
-            "ms_per_step": interval["ms_per_step"],
-            "data_wait_fraction": wait_mean,
-            "data_wait_fraction_max": wait_max,
-            "chips_seen": self.state.chips_seen,
-            "world_size": self.world,
-            "transform_placement": cfg.data.transform_placement,
-            "resumed_from_step": -1 if self.resumed_from is None else self.resumed_from,
-        }
-        if checkpoint_due or self.state.step >= self.total:
-            sums = self.coll.gather(param_checksum(self.model))
-            metrics["param_sha256"] = sums[0]
-            metrics["param_sha256_per_rank"] = sums
-            metrics["ranks_in_sync"] = len(set(sums)) == 1
-            metrics["worker_nodes"] = list(self.node_ids)
-        if self.rank == 0:
-            metrics.update(self._collapse(inputs, masks))
-            if self.tracker is not None:
-                snap = self.tracker.check(cfg.data.max_bad_fraction, min_seen=10 * cfg.data.batch_size)
-                bad = sum(snap["counts"].values())
-                metrics["bad_rows_total"] = bad
-                metrics["bad_rows_seen"] = snap["seen"]
-                for reason, n in sorted(snap["counts"].items()):
-                    metrics[f"bad_rows/{reason}"] = n
-                self.tracker.warn_new(snap)
-
-        checkpoint = checkpoint_id = tmp = None
-        try:
-            if self.rank == 0:
-                if checkpoint_due:
-                    checkpoint_id = f"checkpoint_{self.state.step:08d}_{uuid.uuid4().hex[:6]}"
-                    metrics["checkpoint_id"] = checkpoint_id
-                self.history.append(dict(metrics))  # before saving: a checkpoint holds its own report
-                if self.tb is not None:
-                    self.tb.log(metrics, self.state.step)
-                if checkpoint_id is not None:
-                    tmp = tempfile.mkdtemp(prefix="sarjepa-ckpt-")
-                    ckpt_dir = os.path.join(tmp, checkpoint_id)
-                    self._write_checkpoint(ckpt_dir, checkpoint_id)
-                    checkpoint = ray.train.Checkpoint.from_directory(ckpt_dir)
-                    if self.tb is not None:
-                        self.tb.sync()
-                from sarjepa_dist.train.metrics import format_progress
-
-                _progress.info("[sarjepa] %s%s", format_progress(metrics, self.total),
-                               f" | checkpoint {checkpoint_id}" if checkpoint_id else "")
-            # Every rank reports (Train V2 synchronises reports); only rank 0 attaches a checkpoint,
-            # which Ray copies to storage before recording it as the run's latest.
-            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_id)
-        finally:
-            if tmp is not None:
-                shutil.rmtree(tmp, ignore_errors=True)
-
-    def _reduce_interval(self, interval: dict[str, float]) -> tuple[float, float, float]:
-        """(loss mean over ranks, data-wait fraction mean over ranks, worst rank's data-wait fraction)."""
-        wait = interval["data_wait_fraction"]
-        loss_sum, wait_sum = self.coll.sum([interval["loss_mean"], wait])
-        wait_max = max(self.coll.gather(wait))
-        return loss_sum / self.world, wait_sum / self.world, wait_max
-
-    # ------------------------------------------------------------------ the loop
-
-    def run(self) -> list[dict[str, Any]]:
-        import ray.train
-
-        from sarjepa_dist.engine import make_inputs_on_device, train_step
-        from sarjepa_dist.masks import mask_generator
-        from sarjepa_dist.train.metrics import IntervalMeter
-
-        cfg = self.cfg
-        trainer_shard = ray.train.get_dataset_shard("train")
-        meter = IntervalMeter()
-        self.model.train()
-        try:
-            while self.state.step < self.total:
-                skip = self.state.batches_in_epoch
-                it = self._batches(self._epoch_shard(self.state.epoch, trainer_shard))
-                got_any = False
-                while self.state.step < self.total:
-                    t0 = time.perf_counter()
-                    batch = next(it, None)
-                    wait_s = time.perf_counter() - t0
-                    local_n = 0 if batch is None else int(len(next(iter(batch.values()))))
-                    have, chips = self.coll.sum([1.0 if batch is not None else 0.0, float(local_n)])
-                    if have < self.world:
-                        break  # some rank's shard is exhausted: every rank ends the epoch here
-                    got_any = True
-                    if skip > 0:  # resuming inside an epoch: fast-forward over what was consumed
-                        skip -= 1
-                        continue
-                    inputs = make_inputs_on_device(batch, cfg.data, cfg.gradient, self.need, self.device)
-                    gen = mask_generator(cfg.train.seed, self.rank, self.state.step)
-                    masks = self.sampler.sample(_batch_size(inputs), gen).to(self.device)
-                    sm = train_step(self.model, self.optimizer, self.schedules, inputs, masks, self.state.step,
-                                    grad_clip=cfg.optim.grad_clip, autocast_dtype=self.autocast,
-                                    ddp_model=self.forward_net)
-                    self.state.step += 1
-                    self.state.batches_in_epoch += 1
-                    self.state.chips_seen += int(chips)
-                    # The loss stays a device tensor until a report (no per-step host sync on GPU).
-                    meter.add(wait_s=wait_s, step_s=time.perf_counter() - t0, chips=int(chips), loss=sm.loss)
-                    _maybe_inject_fault(self.state.step, self.rank)
-
-                    step = self.state.step
-                    ckpt_due = step % cfg.train.checkpoint_every == 0 or step >= self.total
-                    if step % cfg.train.log_every == 0 or ckpt_due:
-                        self._report(sm.to_dict(), meter.flush(), inputs, masks, ckpt_due)
-                if self.state.step >= self.total:
-                    break
-                if not got_any:
-                    raise RuntimeError(
-                        f"epoch {self.state.epoch} gave no batches on some rank: the dataset at "
-                        f"{storage.redact(self.info.dataset_path)} has fewer good chips than "
-                        f"data.batch_size ({cfg.data.batch_size}) x train.num_workers ({self.world})")
-                self.state.epoch += 1
-                self.state.batches_in_epoch = 0
-        finally:
-            if self.tb is not None:
-                self.tb.close()
-            if self._tb_staging is not None:
-                shutil.rmtree(self._tb_staging, ignore_errors=True)
-        return self.history
+            _progress.info("[sarjepa] resuming %s from checkpoint %s at step %d (epoch %d, %d batches into it)",
+                           self.info.name, meta.get("checkpoint_id"), self.state.step, self.state.epoch,
+                           self.state.batches_in_epoch)
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
-    """Ray Train entry point. Returns rank 0's metrics history (Ray puts it in ``Result.return_value``)."""
+    """Ray Train entry point. Returns rank 0's metrics history (Ray puts it in ``Result.return_value``).
+
+    ``loop_config``: ``config`` (a Config as a dict), ``run`` (a RunInfo as a dict) and, optionally,
+    ``step_hooks`` (a list of :data:`StepHook`).
+    """
     return _Trainer(loop_config).run()

@@ -12,9 +12,13 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any, Mapping
+
+from tensorboardX import SummaryWriter
 
 from sarjepa_dist import storage
 
@@ -110,20 +114,19 @@ class TensorBoardLogger:
     (live in TensorBoard), else a local staging folder whose files ``sync`` copies to
     ``<run>/tensorboard/`` (called with every checkpoint and at the end). Each writer makes a new
     event file, so a resumed run adds a file beside the old ones rather than overwriting them.
+    Without ``local_staging_dir`` an s3:// run stages in a temporary folder that ``close`` removes.
     """
 
     def __init__(self, run_uri: str, local_staging_dir: str | None = None):
-        from tensorboardX import SummaryWriter
-
         self.dest_uri = storage.join(run_uri, "tensorboard")
-        if storage.is_s3(run_uri):
-            if local_staging_dir is None:
-                raise ValueError("a local staging folder is needed for an s3:// run")
-            self.logdir = local_staging_dir
-            self.remote = True
-        else:
+        self.remote = storage.is_s3(run_uri)
+        self._own_staging = self.remote and local_staging_dir is None
+        if not self.remote:
             self.logdir = storage.resolve(self.dest_uri)[1]
-            self.remote = False
+        elif self._own_staging:
+            self.logdir = tempfile.mkdtemp(prefix="sarjepa-tb-")
+        else:
+            self.logdir = local_staging_dir
         os.makedirs(self.logdir, exist_ok=True)
         self._writer = SummaryWriter(logdir=self.logdir, flush_secs=30)
         self._synced: dict[str, int] = {}
@@ -155,3 +158,5 @@ class TensorBoardLogger:
             self.sync()
         finally:
             self._writer.close()
+            if self._own_staging:
+                shutil.rmtree(self.logdir, ignore_errors=True)

@@ -15,14 +15,21 @@ Resume and restarts are Ray Train's, configured here:
 
 What a run leaves behind, under ``<storage_path>/<name>/``: ``checkpoint_<step>_<id>/`` folders
 (``model.io`` layout plus ``metrics_history.jsonl``), ``tensorboard/`` event files and Ray's own
-run records. Each report (every ``log_every`` steps, and at every checkpoint) carries: ``step``,
-``epoch``, ``loss`` (interval mean over steps and ranks), ``lr``, ``wd``, ``tau``, ``grad_norm``,
-``chips_per_s`` (global), ``ms_per_step``, ``data_wait_fraction`` (mean over ranks; ``_max`` the
-worst rank), ``std_target`` / ``eff_rank_target`` / ``std_pred`` / ``eff_rank_pred`` (collapse
-figures on a 16-chip subsample), ``bad_rows_total`` / ``bad_rows_seen`` / ``bad_rows/<reason>``
-(this launch's pipeline, all epochs), ``chips_seen`` and ``resumed_from_step``; checkpoint
-reports add ``checkpoint_id``, ``param_sha256`` (+ ``_per_rank``), ``ranks_in_sync`` and
-``worker_nodes``.
+run records. Each report (every ``log_every`` steps, and at every checkpoint) carries:
+
+* the step: ``step``, ``total_steps``, ``epoch``, ``chips_seen``, ``world_size``,
+  ``transform_placement``, ``resumed_from_step`` (-1: not resumed);
+* the last step's ``loss_last``, ``lr``, ``wd``, ``tau``, ``grad_norm``;
+* the interval since the last report: ``loss`` (mean over steps and ranks), ``chips_per_s``
+  (global, step time only), ``chips_per_s_wall`` (reports and checkpoints included),
+  ``ms_per_step``, ``data_wait_fraction`` (mean over ranks; ``data_wait_fraction_max`` the worst
+  rank);
+* rank 0's figures: ``std_target`` / ``eff_rank_target`` / ``std_pred`` / ``eff_rank_pred``
+  (collapse figures on a 16-chip subsample) and ``bad_rows_total`` / ``bad_rows_seen`` /
+  ``bad_rows/<reason>`` (this launch's pipeline, all epochs);
+* at a checkpoint (the last step included): ``checkpoint_id``, ``param_sha256``,
+  ``param_sha256_per_rank``, ``ranks_in_sync`` and ``worker_nodes``;
+* whatever the ``step_hooks`` returned since the last report.
 """
 
 from __future__ import annotations
@@ -31,10 +38,16 @@ import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
 from sarjepa_dist import storage
 from sarjepa_dist.config import Config
+from sarjepa_dist.data.pipeline import build_dataset
+from sarjepa_dist.data.shards import read_manifest
+from sarjepa_dist.model.jepa import required_inputs
 from sarjepa_dist.train.cluster import ray_init, worker_env
-from sarjepa_dist.train.loop import RunInfo, train_loop_per_worker
+from sarjepa_dist.train.loop import RunInfo, StepHook, train_loop_per_worker
 
 __all__ = ["PretrainResult", "run_pretrain", "run_uri"]
 
@@ -57,64 +70,35 @@ def run_uri(cfg: Config) -> str:
     return storage.join(cfg.train.storage_path, cfg.train.name)
 
 
-def _required_inputs(cfg: Config) -> tuple[str, ...]:
-    """The model inputs a config needs, so the pipeline computes nothing else."""
-    from sarjepa_dist.model.jepa import required_inputs
-
-    return tuple(required_inputs(cfg.model))
-
-
 def run_pretrain(cfg: Config, *, callbacks: Sequence[Any] | None = None,
                  resources_per_worker: dict[str, float] | None = None,
-                 placement_strategy: str = "PACK") -> PretrainResult:
+                 placement_strategy: str = "PACK", step_hooks: Sequence[StepHook] = ()) -> PretrainResult:
     """Pretrain (or resume) the run ``cfg.train.name``; returns where it is and how it went.
 
+    ``cfg`` is a validated config (``load_config`` / ``config_from_dict`` validate it).
     ``callbacks``: Ray Train ``UserCallback``s (e.g. Tune's ``TuneReportCallback``).
     ``resources_per_worker``: extra resources each worker requests beside ``CPU``/``GPU`` (e.g. a
     custom per-node resource to place one worker per node). ``placement_strategy``: Ray's
     placement-group strategy for the worker group (``PACK``, ``SPREAD``, ``STRICT_SPREAD``).
+    ``step_hooks``: callables each worker runs after every step (see ``loop.StepHook``); they
+    travel to the workers pickled, so they must be picklable.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from sarjepa_dist.data.pipeline import build_dataset
-    from sarjepa_dist.data.shards import read_manifest
-
-    cfg.validate()
     ray_init(cfg.ray, cfg.storage)
     manifest = read_manifest(cfg.data.path)
-    need = _required_inputs(cfg)
+    need = required_inputs(cfg.model)
     tracker_name = cfg.train.name
-    dataset = build_dataset(cfg.data, cfg.gradient, need=need, training=True, epoch=0, run_name=tracker_name)
-
-    fs, fs_path = storage.resolve(cfg.train.storage_path)
+    dataset = build_dataset(cfg.data, cfg.gradient, need=need, training=True, epoch=0, run_name=tracker_name,
+                            manifest=manifest)
     uri = run_uri(cfg)
     info = RunInfo(name=cfg.train.name, run_uri=uri, dataset_id=manifest.dataset_id,
                    dataset_path=cfg.data.path, bad_rows_run_name=tracker_name, need=need,
                    trainer_dataset_epoch=0)
-    resources: dict[str, float] = {"CPU": float(cfg.train.cpus_per_worker)}
-    if cfg.train.use_gpu:
-        resources["GPU"] = 1.0
-    resources.update(resources_per_worker or {})
-
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "run": asdict(info)},
+        train_loop_config={"config": cfg.to_dict(), "run": asdict(info), "step_hooks": list(step_hooks)},
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
-                                     resources_per_worker=resources, placement_strategy=placement_strategy),
-        run_config=RunConfig(
-            name=cfg.train.name,
-            storage_path=fs_path,
-            storage_filesystem=fs,
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
-            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            callbacks=list(callbacks or []),
-            # Endpoint, region and SARJEPA_* switches for the train workers. Credentials travel in
-            # the job's runtime_env (cluster.ray_init) or the nodes' own environment: Train V2
-            # publishes worker_runtime_env in its run state, so no secret goes in here.
-            worker_runtime_env={"env_vars": worker_env(secrets=False)},
-        ),
+        scaling_config=_scaling_config(cfg, resources_per_worker, placement_strategy),
+        run_config=_run_config(cfg, callbacks),
         datasets={"train": dataset},
     )
     _log.info("pretraining %s: %d worker(s), %d steps, storage %s", cfg.train.name, cfg.train.num_workers,
@@ -130,3 +114,29 @@ def run_pretrain(cfg: Config, *, callbacks: Sequence[Any] | None = None,
     return PretrainResult(name=cfg.train.name, storage_path=uri, latest_checkpoint_uri=latest,
                           final_step=final_step, metrics_history=history, dataset_id=manifest.dataset_id,
                           metrics=metrics)
+
+
+def _scaling_config(cfg: Config, resources_per_worker: dict[str, float] | None,
+                    placement_strategy: str) -> ScalingConfig:
+    resources: dict[str, float] = {"CPU": float(cfg.train.cpus_per_worker)}
+    if cfg.train.use_gpu:
+        resources["GPU"] = 1.0
+    resources.update(resources_per_worker or {})
+    return ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                         resources_per_worker=resources, placement_strategy=placement_strategy)
+
+
+def _run_config(cfg: Config, callbacks: Sequence[Any] | None) -> RunConfig:
+    filesystem, storage_path = storage.resolve(cfg.train.storage_path)
+    return RunConfig(
+        name=cfg.train.name,
+        storage_path=storage_path,
+        storage_filesystem=filesystem,
+        checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
+        failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+        callbacks=list(callbacks or []),
+        # Endpoint, region and SARJEPA_* switches for the train workers. Credentials travel in
+        # the job's runtime_env (cluster.ray_init) or the nodes' own environment: Train V2
+        # publishes worker_runtime_env in its run state, so no secret goes in here.
+        worker_runtime_env={"env_vars": worker_env(secrets=False)},
+    )

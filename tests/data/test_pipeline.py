@@ -28,8 +28,9 @@ from sarjepa_dist.data.badrows import BadDataError, BadRowTracker, BadRowWarning
 from sarjepa_dist.engine import make_inputs_on_device
 from sarjepa_dist.data.pipeline import (
     _process_batch, _Spec, build_dataset, chip_seed, dataset_tracker, file_shuffle_seed,
-    iter_train_batches, split_for_consumers, stable_seed, transform_chip,
+    split_for_consumers, stable_seed, transform_chip,
 )
+from sarjepa_dist.train.batches import iter_train_batches
 
 CHIP_SHAPE = (1, 32, 32)
 GOOD_SHARDS, PER_SHARD = 3, 20
@@ -401,13 +402,14 @@ def test_streams_into_ray_train_workers_with_ddp(ray_local, s3_dataset, tmp_path
         import torch as _torch
         import torch.distributed as dist
 
-        from sarjepa_dist.data.pipeline import iter_train_batches as itb
-        from sarjepa_dist.data.pipeline import train_shard_for_epoch
+        from sarjepa_dist.train.batches import epoch_shard
+        from sarjepa_dist.train.batches import iter_train_batches as itb
 
-        rank = rt.get_context().get_world_rank()
+        rank, world = rt.get_context().get_world_rank(), rt.get_context().get_world_size()
         seen: dict[str, dict[str, float]] = {}
-        for epoch in (0, 1):
-            shard = train_shard_for_epoch(config["cfg"], config["grad"], epoch=epoch, run_name=config["run"])
+        for epoch in (0, 1):  # the loop's own per-epoch path: rank 0 builds and splits, then broadcasts
+            shard = epoch_shard(config["cfg"], config["grad"], epoch=epoch, rank=rank, world=world,
+                                need=("x", "gx"), run_name=config["run"])
             ids, steps = [], 0
             for batch in itb(shard, config["cfg"], epoch=epoch):
                 total = _torch.ones(1)

@@ -1,16 +1,26 @@
-"""Shared pieces of the pretraining tests: tiny configs and small chip datasets with a few bad rows."""
+"""Shared pieces of the pretraining tests: tiny configs, small chip datasets with a few bad rows, and
+step hooks (a fault injector and a metric recorder) for ``run_pretrain(step_hooks=...)``."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import sys
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import ray.cloudpickle
 
 from sarjepa_dist import storage
 from sarjepa_dist.config import Config, config_from_dict, merge_tree
 from sarjepa_dist.data import shards
+from sarjepa_dist.train.loop import StepView
+
+# The train workers cannot import this module (tests/train is not on their path), so the step
+# hooks defined here travel to them by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 IMG = 32
 NUM_BAD = 2  # NaN chips written into every test dataset (so bad-row counts are non-zero)
@@ -61,3 +71,38 @@ def assert_finite_losses(history: list[dict[str, Any]]) -> None:
     assert history, "no metrics were reported"
     for row in history:
         assert math.isfinite(row["loss"]), row
+
+
+class InjectedFault(RuntimeError):
+    """The failure ``FailOnce`` raises in a train worker."""
+
+
+@dataclass(frozen=True)
+class FailOnce:
+    """Step hook: fail the worker of ``rank`` right after step ``step``, once.
+
+    The marker file records the fault, so the worker Ray restarts from the checkpoint carries on.
+    """
+
+    step: int
+    marker: str
+    rank: int = 0
+
+    def __call__(self, view: StepView) -> None:
+        if view.step != self.step or view.rank != self.rank or os.path.exists(self.marker):
+            return
+        with open(self.marker, "w") as f:
+            f.write(f"fault injected at step {view.step} on rank {view.rank}\n")
+        raise InjectedFault(f"injected fault at step {view.step} on rank {view.rank}")
+
+
+@dataclass(frozen=True)
+class RecordEvery:
+    """Step hook: on rank 0, every ``every`` steps, a metric ``hook_step`` holding that step."""
+
+    every: int
+
+    def __call__(self, view: StepView) -> dict[str, Any] | None:
+        if view.rank != 0 or view.step % self.every:
+            return None
+        return {"hook_step": view.step}

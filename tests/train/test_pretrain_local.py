@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 import pytest
 import torch
 
-from _train_helpers import NUM_BAD, assert_finite_losses, read_json, tiny_config, write_chip_dataset
+from _train_helpers import (
+    NUM_BAD, FailOnce, RecordEvery, assert_finite_losses, read_json, tiny_config, write_chip_dataset,
+)
 from sarjepa_dist import storage
-from sarjepa_dist.train.loop import FAULT_MARKER_ENV, FAULT_STEP_ENV
+from sarjepa_dist.train import runner
 
 pytestmark = [pytest.mark.ray]
 
@@ -44,7 +47,7 @@ def runs(train_ray, dataset, tmp_path_factory):
                           data={"transform_placement": placement},
                           # keep one checkpoint in one run, two in the other: num_to_keep is honoured
                           train={"num_to_keep": 1 if placement == "data" else 2})
-        out[placement] = (cfg, run_pretrain(cfg))
+        out[placement] = (cfg, run_pretrain(cfg, step_hooks=[RecordEvery(3)]))
     return out
 
 
@@ -67,6 +70,12 @@ def test_single_worker_run(runs, dataset, placement):
         assert h["transform_placement"] == placement and h["resumed_from_step"] == -1
         assert 0 <= h["bad_rows_total"] <= NUM_BAD
     assert history[-1]["ranks_in_sync"] is True
+    # a step hook's metrics join the next report, once: RecordEvery(3) fires after steps 3 and 6
+    assert [h.get("hook_step") for h in history] == [None, 3, 6, None]
+    # the runner's docstring, which operators read, names every figure the loop reports
+    documented = set(re.findall(r"``([\w/<>]+)``", runner.__doc__))
+    reported = {"bad_rows/<reason>" if k.startswith("bad_rows/") else k for h in history for k in h}
+    assert reported - {"hook_step"} <= documented, sorted(reported - documented)
     assert result.metrics["step"] == 8  # Ray's own record of the latest checkpoint's report
 
     # the latest checkpoint holds weights, optimizer, loop state and lineage
@@ -126,16 +135,14 @@ def test_export_from_trained_checkpoint_matches_plain_timm(runs, tmp_path):
 
 
 @pytest.mark.slow
-def test_failed_worker_restarts_from_checkpoint(train_ray, dataset, tmp_path, monkeypatch):
+def test_failed_worker_restarts_from_checkpoint(train_ray, dataset, tmp_path):
     """Fail once after step 6 (checkpoint at 4): FailureConfig restarts from step 4 and finishes."""
     from sarjepa_dist.train.runner import run_pretrain
 
     root, _ = dataset
     marker = tmp_path / "fault-marker"
-    monkeypatch.setenv(FAULT_STEP_ENV, "6")
-    monkeypatch.setenv(FAULT_MARKER_ENV, str(marker))
     cfg = tiny_config(root, str(tmp_path / "runs"), "local-fail", train={"max_failures": 1})
-    result = run_pretrain(cfg)
+    result = run_pretrain(cfg, step_hooks=[FailOnce(step=6, marker=str(marker))])
     assert marker.exists(), "the fault was never injected"
     assert result.final_step == 8
     history = result.metrics_history
