@@ -23,6 +23,8 @@ import argparse
 import json
 import os
 import platform
+import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -152,7 +154,9 @@ def main() -> None:
     ap.add_argument("--mstar", required=True, help="MSTAR class-per-folder JPEGs")
     ap.add_argument("--out", default="runs/learning_curves")
     ap.add_argument("--chip-size", type=int, default=128, help="centre crop at ingest")
-    ap.add_argument("--variants", default="base,ctx-gradient")
+    ap.add_argument("--variants", default="base,ctx-gradient", help="comma-separated presets")
+    ap.add_argument("--variant", action="append", default=[],
+                    help="NAME:key=value;key=value (overrides on the base recipe); repeatable")
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--probe-every", type=int, default=100)
     ap.add_argument("--shots", default="10,20")
@@ -181,15 +185,14 @@ def main() -> None:
                             max_per_class=None, methods=["knn", "linear"], pooling="mean", seed=1)
     shots = [int(k) for k in args.shots.split(",")]
     results: dict[str, Any] = {
-        "command": "python benchmarks/learning_curves.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (None, False, "")),
+        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "python": platform.python_version(), "load_avg": os.getloadavg()},
         "data": {"dataset": uri, "chips": len(labels), "pretrain_chips": len(split.pool),
                  "report_pool": len(split.pool), "report_test": len(split.test)},
         "base": BASE, "variants": {}}
     report_feats: dict[str, EncoderFeatures] = {}
-    for text in args.variants.split(","):
+    for text in [v for v in args.variants.split(",") if v] + args.variant:
         name, overrides = parse_variant(text)
         cfg = variant_config(overrides, args.steps)
         probe_set = build_probe_set(pool_chips.numpy(), labels[split.pool], probe_cfg, cfg.data, cfg.gradient,

@@ -429,6 +429,9 @@ class _Trainer:
             "run_uri": self.info.run_uri,
             "torch_version": torch.__version__,
         }
+        probed = [row for row in self.history if "probe_step" in row]
+        if probed:  # the latest online-probe figures, so `inspect CHECKPOINT` shows how good it was
+            meta["probe"] = {k: v for k, v in probed[-1].items() if k.startswith("probe_")}
         written = save_checkpoint_dir(directory, self.model, self.optimizer, asdict(self.state),
                                       self.cfg.to_dict(), meta)
         with open(os.path.join(directory, HISTORY_FILE), "w") as f:

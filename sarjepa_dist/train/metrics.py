@@ -90,6 +90,9 @@ def format_progress(metrics: Mapping[str, Any], total_steps: int) -> str:
     if "eff_rank_target" in metrics:
         parts.append(f"eff-rank {_fmt(metrics.get('eff_rank_target'), '.1f')}"
                      f"/{_fmt(metrics.get('eff_rank_pred'), '.1f')}")
+    for method in ("knn", "linear"):
+        if f"probe_{method}" in metrics:
+            parts.append(f"probe {method} {_fmt(metrics[f'probe_{method}'], '.3f')}")
     bad = metrics.get("bad_rows_total")
     if bad:
         parts.append(f"bad rows {int(bad)}")

@@ -29,6 +29,9 @@ run records. Each report (every ``log_every`` steps, and at every checkpoint) ca
   ``bad_rows/<reason>`` (this launch's pipeline, all epochs);
 * at a checkpoint (the last step included): ``checkpoint_id``, ``param_sha256``,
   ``param_sha256_per_rank``, ``ranks_in_sync`` and ``worker_nodes``;
+* with ``probe.every > 0``, from the online probe's last run: ``probe_knn`` / ``probe_linear``
+  (K-shot accuracy, ``probe.methods``), ``probe_feat_std``, ``probe_eff_rank``, ``probe_step``,
+  ``probe_seconds`` (``train/probe_hook.py``);
 * whatever the ``step_hooks`` returned since the last report.
 """
 
@@ -48,6 +51,7 @@ from sarjepa_dist.data.shards import read_manifest
 from sarjepa_dist.model.jepa import required_inputs
 from sarjepa_dist.train.cluster import ray_init, worker_env
 from sarjepa_dist.train.loop import RunInfo, StepHook, train_loop_per_worker
+from sarjepa_dist.train.probe_hook import OnlineProbe, check_probe_data
 
 __all__ = ["PretrainResult", "run_pretrain", "run_uri"]
 
@@ -83,6 +87,9 @@ def run_pretrain(cfg: Config, *, callbacks: Sequence[Any] | None = None,
     ``step_hooks``: callables each worker runs after every step (see ``loop.StepHook``); they
     travel to the workers pickled, so they must be picklable.
     """
+    if cfg.probe.every > 0:
+        check_probe_data(cfg)
+        step_hooks = [OnlineProbe(cfg), *step_hooks]
     ray_init(cfg.ray, cfg.storage)
     manifest = read_manifest(cfg.data.path)
     need = required_inputs(cfg.model)

@@ -43,8 +43,10 @@ def runs(train_ray, dataset, tmp_path_factory):
     storage_path = str(tmp_path_factory.mktemp("train-runs"))
     out = {}
     for placement in PLACEMENTS:
+        # the online probe runs in the device run only, every 4 steps (and at the last)
+        probe = {"every": 4 if placement == "device" else 0, "shots": 5, "episodes": 2, "max_per_class": 20}
         cfg = tiny_config(root, storage_path, f"local-{placement}",
-                          data={"transform_placement": placement},
+                          data={"transform_placement": placement}, probe=probe,
                           # keep one checkpoint in one run, two in the other: num_to_keep is honoured
                           train={"num_to_keep": 1 if placement == "data" else 2})
         out[placement] = (cfg, run_pretrain(cfg, step_hooks=[RecordEvery(3)]))
@@ -97,6 +99,34 @@ def test_single_worker_run(runs, dataset, placement):
     assert len(kept) == cfg.train.num_to_keep, kept
     tb = os.listdir(os.path.join(run_dir, "tensorboard"))
     assert any(f.startswith("events.out.tfevents") for f in tb)
+
+
+def test_online_probe_reports_and_lands_in_the_checkpoint(runs):
+    cfg, result = runs["device"]
+    history = result.metrics_history
+    # probed after steps 4 and 8: those figures join the reports at steps 4 and 8, never others
+    assert [h.get("probe_step") for h in history] == [None, 4, None, 8]
+    for h in (history[1], history[3]):
+        assert 0.0 <= h["probe_knn"] <= 1.0 and h["probe_seconds"] > 0
+        assert 1.0 <= h["probe_eff_rank"] <= 192 and h["probe_feat_std"] > 0
+    assert not any("probe_knn" in h for h in runs["data"][1].metrics_history)  # probe.every: 0
+    meta = read_json(os.path.join(result.latest_checkpoint_uri, "meta.json"))
+    assert meta["probe"]["probe_step"] == 8 and meta["probe"]["probe_knn"] == history[3]["probe_knn"]
+
+
+def test_probe_on_an_unlabelled_dataset_is_refused_before_ray(tmp_path):
+    from sarjepa_dist.config import ConfigError
+    from sarjepa_dist.data import shards
+    from sarjepa_dist.train.runner import run_pretrain
+
+    root = str(tmp_path / "unlabelled")
+    with shards.ShardWriter(root, command=["test"]) as w:
+        for i in range(4):
+            w.add(shards.ChipRecord(f"u{i}", torch.rand(1, 32, 32).numpy()))
+        w.commit()
+    cfg = tiny_config(root, str(tmp_path / "runs"), "probe-unlabelled", probe={"every": 2})
+    with pytest.raises(ConfigError, match="probe.data: .* labelled class"):
+        run_pretrain(cfg)
 
 
 def test_both_placements_learn_comparably(runs):
