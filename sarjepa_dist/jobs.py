@@ -221,17 +221,22 @@ def _wait_for_end(client: Any, job_id: str, timeout_s: float, poll_s: float) -> 
     return status
 
 
+def python_probe_entrypoint() -> str:
+    """A job entrypoint that prints which `python` it got and fails naming the modules it lacks."""
+    probe = ("import importlib.util as u, sys; "
+             f"missing = [m for m in {RUNTIME_MODULES!r} if u.find_spec(m) is None]; "
+             "print('python:', sys.executable); "
+             "sys.exit('missing: ' + ', '.join(missing) if missing else 0)")
+    return f"python -c {shlex.quote(probe)}"
+
+
 def check_cluster_python(client: Any, address: str, *, timeout_s: float = 300.0) -> str:
     """Run a probe job: the `python` a job's entrypoint gets must find the project's dependencies.
 
     Returns that interpreter's path. A head started from a virtual environment that was not
     activated gives its jobs whatever `python` its PATH finds, and every job then dies at import.
     """
-    probe = ("import importlib.util as u, sys; "
-             f"missing = [m for m in {RUNTIME_MODULES!r} if u.find_spec(m) is None]; "
-             "print('python:', sys.executable); "
-             "sys.exit('missing: ' + ', '.join(missing) if missing else 0)")
-    job_id = _submit_with_retry(client, entrypoint=f"python -c {shlex.quote(probe)}",
+    job_id = _submit_with_retry(client, entrypoint=python_probe_entrypoint(),
                                 submission_id=f"sarjepa-python-check-{int(time.time() * 1000)}",
                                 entrypoint_num_cpus=0, metadata={"sarjepa_check": "python"})
     status = _wait_for_end(client, job_id, timeout_s, 0.5)
@@ -300,7 +305,8 @@ def jobs_command(action: str, job_id: str | None, *, address: str | None = None,
     address = resolve_address(address)
     with _job_server(address, job_id) as client:
         if action == "list":
-            jobs = sorted(client.list_jobs(), key=lambda j: j.start_time or 0)
+            jobs = sorted((j for j in client.list_jobs() if "sarjepa_check" not in (j.metadata or {})),
+                          key=lambda j: j.start_time or 0)
             for job in jobs:
                 started = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(job.start_time / 1000)) if job.start_time else "-"
                 print(f"{job.submission_id or job.job_id}\t{job.status}\t{started}\t{job.entrypoint}")
@@ -309,7 +315,8 @@ def jobs_command(action: str, job_id: str | None, *, address: str | None = None,
             return 0
         if action == "status":
             info = client.get_job_info(job_id)
-            print(f"{job_id}: {info.status}" + (f" ({info.message})" if info.message else ""))
+            message = (info.message or "").splitlines()[0][:200] if info.message else ""
+            print(f"{job_id}: {info.status}" + (f" ({message}; sarjepa jobs logs {job_id})" if message else ""))
             return 0 if str(info.status) in ("SUCCEEDED", "RUNNING", "PENDING") else 1
         if action == "logs":
             if follow:

@@ -87,15 +87,13 @@ up() {
   echo $! >"$STATE/s3.pid"
   wait_for_port "$S3_PORT" "$STATE/s3.pid" s3
   "$PY" - "$STATE/env" "$S3_PORT" "$DASHBOARD_PORT" "$BUCKET" <<'PYEOF'
-import shlex, sys
-import boto3
-from sarjepa_dist.local_s3 import TEST_CREDENTIALS
+import os, shlex, sys
+from sarjepa_dist.local_s3 import TEST_CREDENTIALS, create_bucket
 env_file, s3_port, dash_port, bucket = sys.argv[1:]
 env = {**TEST_CREDENTIALS, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3_port}",
        "RAY_ADDRESS": f"http://127.0.0.1:{dash_port}"}
-boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name=env["AWS_REGION"],
-             aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-             aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"]).create_bucket(Bucket=bucket)
+os.environ.update(env)  # boto3 takes the local store's credentials from the environment
+create_bucket(env["AWS_ENDPOINT_URL"], bucket)
 with open(env_file, "w") as fh:
     fh.writelines(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(env.items()))
 PYEOF
