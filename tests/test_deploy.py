@@ -46,6 +46,14 @@ OBJECT_STORE_FRACTION = 0.3  # Ray's default share of a node's memory for the ob
 HEAD_MIN_GIB = 8  # GCS, dashboard, job supervisor and the driver
 
 
+IMAGE_WORKDIR = "/opt/sarjepa"  # where the Dockerfile puts the repository's jobs/ and package
+
+
+def repo_path(path: str) -> Path:
+    """A path an entrypoint names: relative to the working dir, or inside the image (= the repository)."""
+    return REPO / (path[len(IMAGE_WORKDIR) + 1:] if path.startswith(IMAGE_WORKDIR + "/") else path)
+
+
 def manifests() -> list[tuple[Path, dict]]:
     return [(p, doc) for p in sorted(KUBERAY.glob("*.yaml")) for doc in yaml.safe_load_all(p.read_text()) if doc]
 
@@ -305,7 +313,7 @@ def job_placements() -> list[tuple[str, Path, object]]:
     for path, doc in ray_manifests():
         if doc["kind"] == "RayJob":
             args = build_parser().parse_args(shlex.split(doc["spec"]["entrypoint"])[3:])
-            cases.append((path.name, path, load_config(REPO / args.config, args.overrides)))
+            cases.append((path.name, path, load_config(repo_path(args.config), args.overrides)))
     return cases
 
 
@@ -370,6 +378,7 @@ def test_every_config_runs_the_same_image_tagged_with_the_project_version():
 
 def test_image_installs_exactly_the_lock():
     text = DOCKERFILE.read_text()
+    assert f"WORKDIR {IMAGE_WORKDIR}" in text and "COPY jobs ./jobs" in text  # what RayJob entrypoints name
     assert "pip install --no-cache-dir -r /tmp/lock/constraints.txt" in text
     assert "pip install --no-cache-dir --no-deps ." in text, "the package must not re-resolve dependencies"
     assert "check_lock.py /tmp/lock/constraints.txt" in text
@@ -402,8 +411,8 @@ def test_entrypoint_parses_and_names_existing_files(where, entrypoint):
     assert argv[:3] == ["python", "-m", "sarjepa_dist.cli"], where
     args = build_parser().parse_args(argv[3:])
     config = getattr(args, "config", None)
-    assert config and (REPO / config).is_file(), f"{where}: config {config!r} does not exist"
-    cfg = load_config(REPO / config, args.overrides)
+    assert config and repo_path(config).is_file(), f"{where}: config {config!r} does not exist"
+    cfg = load_config(repo_path(config), args.overrides)
     relative = {k: v for k, v in storage_paths(cfg, args.command, []).items() if is_relative_local_path(v)}
     assert relative == {}, f"{where}: relative storage paths on a cluster: {relative}"
 
