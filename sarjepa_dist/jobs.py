@@ -197,7 +197,7 @@ def _job_server(address: str, job_id: str | None = None) -> Iterator[Any]:
             raise JobError(f"no job {job_id!r} on the Ray cluster at {address} (sarjepa jobs list)") from None
         if "Failed to connect" in text or "Connection refused" in text:
             raise JobError(f"cannot reach a Ray job server at {address}: {text.splitlines()[0]}") from None
-        raise
+        raise JobError(f"the Ray job server at {address} answered: {text.strip()[:1000]}") from None
 
 
 def _submit_with_retry(client: Any, **kwargs: Any) -> str:

@@ -423,6 +423,21 @@ def test_job_specs_name_existing_clusters():
             assert (spec_path.parent / cluster).is_file(), (spec_path.name, cluster)
 
 
+def test_interpreter_probe_covers_every_runtime_dependency():
+    """`sarjepa submit` probes the cluster's python for these modules; a new dependency must join them."""
+    from importlib import metadata
+
+    from sarjepa_dist.jobs import RUNTIME_MODULES
+
+    pyproject = (REPO / "pyproject.toml").read_text()
+    block = re.search(r"^dependencies = \[(.*?)^\]", pyproject, re.S | re.M).group(1)
+    names = re.findall(r'^\s*"([A-Za-z0-9_.-]+)', block, re.M)
+    provided = metadata.packages_distributions()
+    for name in names:
+        modules = {m for m, dists in provided.items() if name.lower() in {d.lower() for d in dists}}
+        assert modules & set(RUNTIME_MODULES), f"{name}: none of its modules {sorted(modules)} is probed"
+
+
 def test_non_path_encoders_match_the_few_shot_module():
     from sarjepa_dist.fewshot.features import BASELINES
 

@@ -78,9 +78,15 @@ up() {  # pid file, what
 up() {
   [[ -x "$PY" ]] || die "no interpreter at $PY: run 'bash infra/dev/bootstrap.sh' or set SARJEPA_PYTHON"
   alive "$STATE/ray.pid" && die "a head from this checkout is already up (PID $(cat "$STATE/ray.pid")); run '$0 down' first"
-  mkdir -p "$STATE"
-  local bin; bin="$(dirname "$PY")"
+  local bin port; bin="$(dirname "$PY")"
   [[ -x "$bin/ray" ]] || die "no 'ray' beside $PY: install the project into that environment"
+  for port in "$RAY_PORT" "$DASHBOARD_PORT" "$S3_PORT" "$AGENT_PORT" "$CLIENT_PORT"; do
+    "$PY" -c "import socket,sys; s=socket.socket(); s.bind(('127.0.0.1', int(sys.argv[1])))" "$port" 2>/dev/null \
+      || die "127.0.0.1:$port is in use; choose other ports (SARJEPA_*_PORT, see the top of $0)"
+  done
+  mkdir -p "$STATE"
+  # a failed start-up stops whatever it had started
+  trap 'echo "cluster.sh: start-up failed; stopping what it started" >&2; down' EXIT
 
   # S3 endpoint with the bucket; its credentials are the local store's, kept in $STATE/env
   setsid "$PY" -m moto.server -H 127.0.0.1 -p "$S3_PORT" >"$STATE/s3.log" 2>&1 &
@@ -121,6 +127,7 @@ PYEOF
   echo "S3 endpoint (PID $(cat "$STATE/s3.pid")): http://127.0.0.1:$S3_PORT, bucket s3://$BUCKET"
   echo "jobs run: $PY"
   echo "next: source $STATE/env"
+  trap - EXIT
 }
 
 down() {
