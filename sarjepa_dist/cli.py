@@ -71,10 +71,23 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p = sub.add_parser("fewshot", help="few-shot evaluation of encoders")
     _config_args(p)
-    p = sub.add_parser("submit", help="submit a job spec (jobs/*.yaml) to a Ray cluster as a Ray Job")
-    p.add_argument("spec", help="job spec YAML with 'entrypoint' and 'config'")
-    p.add_argument("--address", default=None, help="Ray dashboard address (default: RAY_ADDRESS or local)")
-    p.add_argument("--no-wait", action="store_true", help="return after submission")
+    address_help = "the Ray job server (dashboard) URL; default: the spec's address, RAY_ADDRESS, http://127.0.0.1:8265"
+    p = sub.add_parser("submit", help="submit a job spec (jobs/*.job.yaml) to a Ray cluster as a Ray Job")
+    p.add_argument("spec", help="job spec YAML with 'name', 'command' and 'config' (see jobs/pretrain.job.yaml)")
+    p.add_argument("--address", default=None, help=address_help)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="add an override to the spec's 'set' list")
+    p.add_argument("--wait", action="store_true", help="stream the job's logs and exit with its status")
+    p = sub.add_parser("jobs", help="list, inspect, follow or stop Ray Jobs on a cluster")
+    jsub = p.add_subparsers(dest="jobs_action", required=True)
+    jp = jsub.add_parser("list", help="every job on the cluster")
+    jp.add_argument("--address", default=None, help=address_help)
+    for action, text in (("status", "a job's status"), ("logs", "a job's logs"), ("stop", "stop a running job")):
+        jp = jsub.add_parser(action, help=text)
+        jp.add_argument("job_id", metavar="ID", help="the submission id that `sarjepa submit` printed")
+        jp.add_argument("--address", default=None, help=address_help)
+        if action == "logs":
+            jp.add_argument("--follow", "-f", action="store_true", help="stream until the job ends; exit with its status")
     p = sub.add_parser("demo", help="the whole path on built-in data: synth → pretrain → sweep → few-shot")
     p.add_argument("--out", default="demo_out", help="where data, runs and reports go")
     p.add_argument("--quick", action="store_true", help="smallest settings (smoke test)")
@@ -139,7 +152,12 @@ def _dispatch(args: argparse.Namespace, command_line: list[str]) -> int:
     if cmd == "submit":
         from sarjepa_dist.jobs import submit_job_spec
 
-        return submit_job_spec(args.spec, address=args.address, wait=not args.no_wait)
+        return submit_job_spec(args.spec, address=args.address, wait=args.wait, overrides=args.overrides)
+    if cmd == "jobs":
+        from sarjepa_dist.jobs import jobs_command
+
+        return jobs_command(args.jobs_action, getattr(args, "job_id", None), address=args.address,
+                            follow=getattr(args, "follow", False))
     if cmd == "demo":
         # The demo's Ray cluster is for this machine alone: keep its processes on loopback. Ray
         # reads this flag (its single-host switch) at import, so set it before anything imports ray.

@@ -108,6 +108,18 @@ def ray_init(ray_cfg: RayConfig, storage_cfg: StorageConfig | None = None, *, lo
             # through the State API, which guesses the newest cluster on the machine unless
             # RAY_ADDRESS says otherwise; with several clusters on one host it can guess wrong.
             env["RAY_ADDRESS"] = address
+        # Inside a Ray job (`sarjepa submit`) ray.init merges this runtime_env into the job's and
+        # refuses any env_vars key the job already sets, even with an equal value. Equal ones reach
+        # the workers through the job anyway; a value this driver changed (storage.region from the
+        # config) must win, which Ray allows only through its override switch.
+        import json
+
+        job_config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+        job_env_vars = (job_config.get("runtime_env") or {}).get("env_vars") or {}
+        for key in [k for k, v in env.items() if job_env_vars.get(k) == v]:
+            del env[key]
+        if env.keys() & job_env_vars.keys():
+            os.environ["RAY_OVERRIDE_JOB_RUNTIME_ENV"] = "1"
         _log.info("connecting to Ray at %s; exporting to workers: %s", storage.redact(address), describe_env(env))
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=log_to_driver)
         return f"Ray cluster at {storage.redact(address)}"
