@@ -33,7 +33,7 @@ from typing import Any, Sequence
 
 from sarjepa_dist import storage
 from sarjepa_dist.config import Config
-from sarjepa_dist.train.cluster import ray_init, worker_env
+from sarjepa_dist.cluster import ray_init, worker_env
 from sarjepa_dist.train.loop import RunInfo, train_loop_per_worker
 
 __all__ = ["PretrainResult", "run_pretrain", "run_uri"]
