@@ -80,16 +80,11 @@ def run_demo(out: str = "demo_out", quick: bool = False) -> dict[str, Any]:
         report_dir = str(out_dir / "fewshot")
         cfg = demo_config(data_uri, runs_uri, report_dir, quick)
 
-        print(f"[1/4] synthetic SAR chips → {data_uri}", flush=True)
-        per_class = 60 if quick else 200
-        manifest = write_synthetic_dataset(data_uri, SynthConfig(num_classes=10, per_class=per_class, size=32,
-                                                                  seed=0))
-        print(f"      {manifest.num_chips} chips, {len(manifest.class_names)} classes, dataset {manifest.dataset_id[:12]}")
-
+        _synthetic_data(data_uri, quick)
         with ray_session(cfg.ray, cfg.storage):
-            summary["pretrain"], checkpoint = _pretrain(cfg, out_dir)
+            summary["pretrain"] = _pretrain(cfg, out_dir)
             summary["sweep"] = _sweep(cfg, out_dir)
-            summary["fewshot"] = _fewshot(cfg, checkpoint)
+            summary["fewshot"] = _fewshot(cfg, summary["pretrain"]["checkpoint"])
     summary["seconds"] = round(time.time() - t0, 1)
     (out_dir / "demo_summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print(f"\ndone in {summary['seconds']} s.\n  encoder export: {summary['pretrain']['export']}\n"
@@ -101,14 +96,24 @@ def run_demo(out: str = "demo_out", quick: bool = False) -> dict[str, Any]:
     return summary
 
 
-def _pretrain(cfg: Config, out_dir: Path) -> tuple[dict[str, Any], str]:
-    """Step 2: pretrain; return its summary and the latest checkpoint's URI."""
-    print(f"[2/4] pretraining ({cfg.train.steps} steps, {cfg.model.target_mode}, context {cfg.model.context_domain}) → {cfg.train.storage_path}", flush=True)
+def _synthetic_data(data_uri: str, quick: bool) -> None:
+    """Step 1: ten classes of synthetic SAR chips, 32 px."""
+    print(f"[1/4] synthetic SAR chips → {data_uri}", flush=True)
+    per_class = 60 if quick else 200
+    manifest = write_synthetic_dataset(data_uri, SynthConfig(num_classes=10, per_class=per_class, size=32, seed=0))
+    print(f"      {manifest.num_chips} chips, {len(manifest.class_names)} classes, "
+          f"dataset {manifest.dataset_id[:12]}")
+
+
+def _pretrain(cfg: Config, out_dir: Path) -> dict[str, Any]:
+    """Step 2: pretrain, and export the latest checkpoint's EMA encoder."""
+    print(f"[2/4] pretraining ({cfg.train.steps} steps, {cfg.model.target_mode}, context "
+          f"{cfg.model.context_domain}) → {cfg.train.storage_path}", flush=True)
     result = run_pretrain(cfg)
     checkpoint = result.latest_checkpoint_uri
     # the S3 endpoint is in-memory: keep the encoder as a local export
     return {"checkpoint": checkpoint, "step": result.final_step,
-            "export": export_checkpoint(checkpoint, str(out_dir / "encoder"))}, checkpoint
+            "export": export_checkpoint(checkpoint, str(out_dir / "encoder"))}
 
 
 def _sweep(cfg: Config, out_dir: Path) -> dict[str, Any]:

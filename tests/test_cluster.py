@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+import ray
 
 from sarjepa_dist import cluster
 from sarjepa_dist.config import RayConfig
@@ -27,8 +28,6 @@ def test_worker_env_carries_storage_and_project_vars_only():
 
 
 def test_ray_init_exports_storage_env_but_never_secrets(monkeypatch, caplog):
-    import ray
-
     secret = "very-secret-key-123"
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
@@ -52,8 +51,6 @@ def test_ray_init_exports_storage_env_but_never_secrets(monkeypatch, caplog):
 
 
 def test_ray_init_keeps_an_existing_connection(monkeypatch):
-    import ray
-
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
     monkeypatch.setattr(ray, "init", lambda **kw: pytest.fail("must not re-initialise Ray"))
     assert "already connected" in cluster.ray_init(RayConfig(address="127.0.0.1:6390"))
@@ -64,8 +61,6 @@ BY_ADDRESS = RayConfig(address="127.0.0.1:6390")  # joins by address: nothing pi
 
 def _fake_ray(monkeypatch, connected: bool) -> list[str]:
     """Ray's connection calls replaced by a recorder; returns the list of calls made."""
-    import ray
-
     calls: list[str] = []
     state = {"up": connected}
 

@@ -153,7 +153,8 @@ def _encoder_input(feature_domain: str, context_domain: str, target_mode: str, c
     else:
         inp = "x" if target_mode == "ema-pixel" else "gx"
         domain = f"target domain ({target_mode})"
-    return inp, f"{domain}: " + (f"conditioned x ({conditioning})" if inp == "x" else f"∇x ({gradient.get('domain')})")
+    fed = f"conditioned x ({conditioning})" if inp == "x" else f"∇x ({gradient.get('domain')})"
+    return inp, f"{domain}: {fed}"
 
 
 def encoder_source(spec: str, cfg: Config, name: str | None = None) -> FeatureSource:
