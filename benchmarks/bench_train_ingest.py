@@ -105,9 +105,9 @@ def main() -> None:
     import ray
     import torch
 
+    from sarjepa_dist.cluster import ray_session
     from sarjepa_dist.config import RayConfig
     from sarjepa_dist.data.synth import SynthConfig, write_synthetic_dataset
-    from sarjepa_dist.train.cluster import ray_init
 
     with tempfile.TemporaryDirectory(prefix="bench-train-ingest-") as tmp:
         data = args.data
@@ -119,11 +119,8 @@ def main() -> None:
                                                target_shard_mib=4.0)
             print(f"wrote {manifest.num_chips} synthetic chips in {len(manifest.shards)} shards "
                   f"({time.perf_counter() - t0:.1f} s)", flush=True)
-        ray_init(RayConfig(num_cpus=args.num_cpus))
-        try:
+        with ray_session(RayConfig(num_cpus=args.num_cpus)):
             results = [run_one(pl, data, os.path.join(tmp, "runs"), args) for pl in args.placements]
-        finally:
-            ray.shutdown()
 
     record = {
         "benchmark": "train_ingest",

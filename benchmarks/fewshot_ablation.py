@@ -43,14 +43,6 @@ def base_tree(args: argparse.Namespace, data_uri: str, runs: str) -> dict:
     }
 
 
-def set_dotted(tree: dict, key: str, value) -> None:
-    node = tree
-    parts = key.split(".")
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-    node[parts[-1]] = value
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mstar", default=None, help="MSTAR class-per-folder JPEGs (ingested at --crop)")
@@ -70,13 +62,11 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5)
     args = ap.parse_args()
 
-    import ray
-
-    from sarjepa_dist.config import config_from_dict
+    from sarjepa_dist.cluster import ray_session
+    from sarjepa_dist.config import config_from_dict, set_dotted
     from sarjepa_dist.data.ingest import ingest_images
     from sarjepa_dist.data.synth import SynthConfig, write_synthetic_dataset
     from sarjepa_dist.fewshot.runner import run_fewshot
-    from sarjepa_dist.train.cluster import ray_init
     from sarjepa_dist.train.runner import run_pretrain
 
     out = Path(args.out).resolve()
@@ -104,8 +94,7 @@ def main() -> None:
                "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}, "datasets": {}}
     runs_uri = str(out / "runs")
     first = config_from_dict(base_tree(args, next(iter(datasets.values()))["uri"], runs_uri))
-    ray_init(first.ray, first.storage)
-    try:
+    with ray_session(first.ray, first.storage):
         for name, ds in datasets.items():
             checkpoints = {}
             timings = {}
@@ -127,18 +116,18 @@ def main() -> None:
             tree["fewshot"] = {"data": ds["uri"], "encoders": list(checkpoints.values()) + [
                 "random-init", "raw-pixels", "gradient-maps"], "shots": shots, "seeds": args.seeds,
                 "out": str(out / f"fewshot-{name}"), **ds["fewshot"]}
-            fs = run_fewshot(config_from_dict(tree))
+            report = run_fewshot(config_from_dict(tree))
             names = dict(zip(list(checkpoints.values()) + ["random-init", "raw-pixels", "gradient-maps"],
-                             fs.encoders))
+                             report.encoders))
             table = {}
             for label, enc in [(v, names[c]) for v, c in checkpoints.items()] + [
                     (b, names[b]) for b in ("random-init", "raw-pixels", "gradient-maps")]:
                 table[label] = {}
                 for method in ("linear", "knn", "prototype"):
-                    table[label][method] = {k: [round(100 * fs.interval(enc, method, k).mean, 1),
-                                                round(100 * fs.interval(enc, method, k).half_width, 1)]
+                    table[label][method] = {k: [round(100 * report.interval(enc, method, k).mean, 1),
+                                                round(100 * report.interval(enc, method, k).half_width, 1)]
                                             for k in shots}
-            results["datasets"][name] = {"uri": ds["uri"], "report": fs.report_uri, "pretrain_seconds": timings,
+            results["datasets"][name] = {"uri": ds["uri"], "report": report.report_uri, "pretrain_seconds": timings,
                                          "accuracy_pct_mean_halfwidth": table}
             print(f"\n{name}: linear-probe accuracy % (mean ± 95% interval, {args.seeds} seeds)")
             print("| encoder | " + " | ".join(f"K={k}" for k in shots) + " |")
@@ -146,8 +135,6 @@ def main() -> None:
             for label, per in table.items():
                 print(f"| {label} | " + " | ".join(f"{m:.1f} ± {h:.1f}" for m, h in
                                                    (per["linear"][k] for k in shots)) + " |")
-    finally:
-        ray.shutdown()
     dest = Path(__file__).resolve().parent / "results" / "fewshot_ablation.json"
     dest.write_text(json.dumps(results, indent=2))
     print(f"\nsaved {dest}")

@@ -370,7 +370,7 @@ class FewshotConfig:
     seeds: int = 5
     methods: list[str] = field(default_factory=lambda: ["linear", "knn", "prototype"])
     feature_domain: str = "context"  # FEATURE_DOMAINS: which domain feeds the EMA encoder
-    pooling: str = "mean"  # mean | cls
+    pooling: str = "mean"  # FEATURE_POOLINGS: how patch tokens become one feature vector (model/pooling.py)
     linear_epochs: int = 100
     knn_k: int = 1
     batch_size: int = 64
@@ -387,7 +387,7 @@ class FewshotConfig:
         for m in self.methods:
             check_choice(f"{p}.methods[]", m, FEWSHOT_METHODS)
         check_choice(f"{p}.feature_domain", self.feature_domain, FEATURE_DOMAINS)
-        check_choice(f"{p}.pooling", self.pooling, ["mean", "cls"])
+        check_choice(f"{p}.pooling", self.pooling, FEATURE_POOLINGS)
         check_range(f"{p}.linear_epochs", self.linear_epochs, 1)
         check_range(f"{p}.knn_k", self.knn_k, 1)
         check_range(f"{p}.batch_size", self.batch_size, 1)
@@ -510,15 +510,24 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """``tree[a][b][c] = value`` for ``dotted = "a.b.c"``, making the sections on the way."""
     parts = dotted.split(".")
     node = tree
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"--set {dotted}: {part!r} is not a section")
+            raise ConfigError(f"{dotted}: {part!r} is not a section")
         node = child
     node[parts[-1]] = value
+
+
+def dotted_tree(flat: dict[str, Any]) -> dict[str, Any]:
+    """``{"a.b": 1, "a.c": 2}`` → ``{"a": {"b": 1, "c": 2}}``."""
+    tree: dict[str, Any] = {}
+    for dotted, value in flat.items():
+        set_dotted(tree, dotted, value)
+    return tree
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -563,9 +572,7 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = (),
         tree = merge_tree(tree, loaded)
     for text in overrides:
         key, value = parse_override(text)
-        over: dict[str, Any] = {}
-        _set_dotted(over, key, value)
-        tree = merge_tree(tree, over)
+        tree = merge_tree(tree, dotted_tree({key: value}))
     try:
         cfg = _from_dict(Config, tree)
     except TypeError as exc:  # pragma: no cover - dataclass signature mismatch

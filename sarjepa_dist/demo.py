@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from sarjepa_dist import storage
+from sarjepa_dist.cluster import ray_session
 from sarjepa_dist.config import Config, config_from_dict
+from sarjepa_dist.data.synth import SynthConfig, write_synthetic_dataset
+from sarjepa_dist.fewshot.runner import run_fewshot
+from sarjepa_dist.local_s3 import create_bucket, local_s3_endpoint
+from sarjepa_dist.train.export import export_checkpoint
+from sarjepa_dist.train.runner import run_pretrain
+from sarjepa_dist.tune import run_sweep
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +58,6 @@ def demo_config(data_uri: str, runs_uri: str, report_dir: str, quick: bool) -> C
 @contextlib.contextmanager
 def _storage_root(out: Path) -> Iterator[str]:
     """A bucket on a local S3 endpoint (moto server), or local folders when moto is missing."""
-    from sarjepa_dist.local_s3 import create_bucket, local_s3_endpoint
-
     with contextlib.ExitStack() as stack:
         try:
             url = stack.enter_context(local_s3_endpoint())
@@ -65,15 +70,6 @@ def _storage_root(out: Path) -> Iterator[str]:
 
 
 def run_demo(out: str = "demo_out", quick: bool = False) -> dict[str, Any]:
-    import ray
-
-    from sarjepa_dist.data.synth import SynthConfig, write_synthetic_dataset
-    from sarjepa_dist.fewshot.runner import run_fewshot
-    from sarjepa_dist.train.cluster import ray_init
-    from sarjepa_dist.train.export import export_checkpoint
-    from sarjepa_dist.train.runner import run_pretrain
-    from sarjepa_dist.tune import run_sweep
-
     out_dir = Path(out).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -84,38 +80,11 @@ def run_demo(out: str = "demo_out", quick: bool = False) -> dict[str, Any]:
         report_dir = str(out_dir / "fewshot")
         cfg = demo_config(data_uri, runs_uri, report_dir, quick)
 
-        print(f"[1/4] synthetic SAR chips → {data_uri}", flush=True)
-        per_class = 60 if quick else 200
-        manifest = write_synthetic_dataset(data_uri, SynthConfig(num_classes=10, per_class=per_class, size=32,
-                                                                  seed=0))
-        print(f"      {manifest.num_chips} chips, {len(manifest.class_names)} classes, dataset {manifest.dataset_id[:12]}")
-
-        ray_init(cfg.ray, cfg.storage)
-        try:
-            print(f"[2/4] pretraining ({cfg.train.steps} steps, {cfg.model.target_mode}, context {cfg.model.context_domain}) → {runs_uri}", flush=True)
-            result = run_pretrain(cfg)
-            summary["pretrain"] = {"checkpoint": result.latest_checkpoint_uri, "step": result.final_step}
-            # the S3 endpoint is in-memory: keep the encoder as a local export
-            summary["pretrain"]["export"] = export_checkpoint(result.latest_checkpoint_uri, str(out_dir / "encoder"))
-
-            sweep_cfg = config_from_dict({**cfg.to_dict(),
-                                          "train": {**cfg.to_dict()["train"], "steps": max(cfg.train.steps // 3, 20)}})
-            print(f"[3/4] sweep over {sweep_cfg.tune.grid} ({sweep_cfg.train.steps} steps each)", flush=True)
-            sweep = run_sweep(sweep_cfg)
-            # keep the sweep table locally too (the S3 endpoint is in-memory)
-            for name in ("sweep.json", "sweep.md"):
-                remote = storage.join(os.path.dirname(sweep.table_uri), name)
-                (out_dir / name).write_text(storage.read_text(remote))
-            summary["sweep"] = {"table": str(out_dir / "sweep.md"), "best": sweep.best}
-
-            print("[4/4] few-shot evaluation: pretrained vs random init vs hand-made features", flush=True)
-            fs_tree = cfg.to_dict()
-            fs_tree["fewshot"]["encoders"] = [result.latest_checkpoint_uri, "random-init", "raw-pixels",
-                                              "gradient-maps"]
-            fewshot = run_fewshot(config_from_dict(fs_tree))
-            summary["fewshot"] = {"report": fewshot.report_uri}
-        finally:
-            ray.shutdown()
+        _synthetic_data(data_uri, quick)
+        with ray_session(cfg.ray, cfg.storage):
+            summary["pretrain"] = _pretrain(cfg, out_dir)
+            summary["sweep"] = _sweep(cfg, out_dir)
+            summary["fewshot"] = _fewshot(cfg, summary["pretrain"]["checkpoint"])
     summary["seconds"] = round(time.time() - t0, 1)
     (out_dir / "demo_summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print(f"\ndone in {summary['seconds']} s.\n  encoder export: {summary['pretrain']['export']}\n"
@@ -125,6 +94,47 @@ def run_demo(out: str = "demo_out", quick: bool = False) -> dict[str, Any]:
     if report_md.exists():
         print(report_md.read_text())
     return summary
+
+
+def _synthetic_data(data_uri: str, quick: bool) -> None:
+    """Step 1: ten classes of synthetic SAR chips, 32 px."""
+    print(f"[1/4] synthetic SAR chips → {data_uri}", flush=True)
+    per_class = 60 if quick else 200
+    manifest = write_synthetic_dataset(data_uri, SynthConfig(num_classes=10, per_class=per_class, size=32, seed=0))
+    print(f"      {manifest.num_chips} chips, {len(manifest.class_names)} classes, "
+          f"dataset {manifest.dataset_id[:12]}")
+
+
+def _pretrain(cfg: Config, out_dir: Path) -> dict[str, Any]:
+    """Step 2: pretrain, and export the latest checkpoint's EMA encoder."""
+    print(f"[2/4] pretraining ({cfg.train.steps} steps, {cfg.model.target_mode}, context "
+          f"{cfg.model.context_domain}) → {cfg.train.storage_path}", flush=True)
+    result = run_pretrain(cfg)
+    checkpoint = result.latest_checkpoint_uri
+    # the S3 endpoint is in-memory: keep the encoder as a local export
+    return {"checkpoint": checkpoint, "step": result.final_step,
+            "export": export_checkpoint(checkpoint, str(out_dir / "encoder"))}
+
+
+def _sweep(cfg: Config, out_dir: Path) -> dict[str, Any]:
+    """Step 3: a short sweep over the demo grid; its table is copied next to the other outputs."""
+    sweep_cfg = config_from_dict({**cfg.to_dict(),
+                                  "train": {**cfg.to_dict()["train"], "steps": max(cfg.train.steps // 3, 20)}})
+    print(f"[3/4] sweep over {sweep_cfg.tune.grid} ({sweep_cfg.train.steps} steps each)", flush=True)
+    sweep = run_sweep(sweep_cfg)
+    # keep the sweep table locally too (the S3 endpoint is in-memory)
+    for name in ("sweep.json", "sweep.md"):
+        remote = storage.join(os.path.dirname(sweep.table_uri), name)
+        (out_dir / name).write_text(storage.read_text(remote))
+    return {"table": str(out_dir / "sweep.md"), "best": sweep.best}
+
+
+def _fewshot(cfg: Config, checkpoint: str) -> dict[str, Any]:
+    """Step 4: the pretrained encoder beside random init and the hand-made features."""
+    print("[4/4] few-shot evaluation: pretrained vs random init vs hand-made features", flush=True)
+    tree = cfg.to_dict()
+    tree["fewshot"]["encoders"] = [checkpoint, "random-init", "raw-pixels", "gradient-maps"]
+    return {"report": run_fewshot(config_from_dict(tree)).report_uri}
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 COMMANDS = ("pretrain", "sweep", "fewshot", "inspect")
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-# fewshot.encoders entries that name no path (sarjepa_dist.fewshot.features resolves them)
+# fewshot.encoders entries that name no path (sarjepa_dist.fewshot.sources resolves them)
 NON_PATH_ENCODERS = ("random-init", "raw-pixels", "gradient-maps")
 # The import names of the project's runtime dependencies (pyproject.toml): the job's `python`
 # must find all of them, or every job dies at its first import.

@@ -107,19 +107,6 @@ def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), str(Path(_strip_file_scheme(uri)).expanduser().resolve())
 
 
-def fsspec_filesystem(uri: str):
-    """An fsspec filesystem for ``uri`` (s3fs for S3), for libraries that want fsspec."""
-    import fsspec
-
-    if is_s3(uri):
-        settings = s3_settings()
-        client_kwargs = {"region_name": settings.region}
-        if settings.endpoint_url:
-            client_kwargs["endpoint_url"] = settings.endpoint_url
-        return fsspec.filesystem("s3", client_kwargs=client_kwargs)
-    return fsspec.filesystem("file")
-
-
 def join(uri: str, *parts: str) -> str:
     uri = str(uri)
     if is_s3(uri) or uri.startswith("file://"):
@@ -224,6 +211,46 @@ def delete_file(uri: str) -> None:
     fs, path = resolve(uri)
     if fs.get_file_info(path).type != pafs.FileType.NotFound:
         fs.delete_file(path)
+
+
+def download_file(uri: str, path: str | os.PathLike) -> Path:
+    """Copy one file (local or s3://) to the local ``path``, making its folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(read_bytes(uri))
+    return path
+
+
+def download_dir(uri: str, dest: str | os.PathLike) -> Path:
+    """Copy every file under ``uri`` (local or s3://) into ``dest``, keeping relative paths."""
+    files = list_files(uri, recursive=True)
+    if not files:
+        raise FileNotFoundError(f"{redact(uri)}: no files here (is it a checkpoint folder?)")
+    _, root = resolve(uri)
+    for f in files:
+        download_file(f, Path(dest) / os.path.relpath(resolve(f)[1], root))
+    return Path(dest)
+
+
+def download_named(folder_uri: str, names: Iterable[str], dest: str | os.PathLike) -> list[str]:
+    """Copy the files ``<folder_uri>/<name>`` that exist into the local folder ``dest``; return the
+    names copied (a loader that reads a few files of a large remote folder fetches only those)."""
+    copied = []
+    for name in names:
+        uri = join(folder_uri, name)
+        if exists(uri):
+            download_file(uri, Path(dest) / name)
+            copied.append(name)
+    return copied
+
+
+def upload_dir(src: str | os.PathLike, uri: str, last: tuple[str, ...] = ()) -> None:
+    """Copy the files of local folder ``src`` to ``uri``; names in ``last`` are written after the rest."""
+    src = Path(src)
+    files = sorted(p for p in src.rglob("*") if p.is_file())
+    files.sort(key=lambda p: p.name in last)
+    for p in files:
+        write_bytes(join(uri, *p.relative_to(src).parts), p.read_bytes())
 
 
 def redact(text: str, extra_secrets: Iterable[str] = ()) -> str:

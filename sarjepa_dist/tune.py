@@ -16,8 +16,14 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
 from sarjepa_dist import storage
-from sarjepa_dist.config import Config, ConfigError, config_from_dict, merge_tree
+from sarjepa_dist.cluster import ray_session
+from sarjepa_dist.config import Config, ConfigError, config_from_dict, dotted_tree, merge_tree
+from sarjepa_dist.fewshot.runner import quick_score
+from sarjepa_dist.train.runner import run_pretrain
 
 log = logging.getLogger(__name__)
 
@@ -35,17 +41,6 @@ class SweepResult:
     best: dict[str, Any] | None
 
 
-def _dotted_to_tree(dotted: dict[str, Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for key, value in dotted.items():
-        node = tree
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = value
-    return tree
-
-
 def grid_points(grid: dict[str, list[Any]], base: Config) -> list[dict[str, Any]]:
     """Every combination of the grid axes, each validated against the base config up front."""
     axes = sorted(grid.items())
@@ -53,7 +48,7 @@ def grid_points(grid: dict[str, list[Any]], base: Config) -> list[dict[str, Any]
     for values in itertools.product(*[v for _, v in axes]):
         point = {k: v for (k, _), v in zip(axes, values)}
         try:
-            config_from_dict(merge_tree(base.to_dict(), _dotted_to_tree(point)))
+            config_from_dict(merge_tree(base.to_dict(), dotted_tree(point)))
         except ConfigError as exc:
             raise ConfigError(f"tune.grid point {point} is invalid: {exc}") from exc
         points.append(point)
@@ -61,7 +56,7 @@ def grid_points(grid: dict[str, list[Any]], base: Config) -> list[dict[str, Any]
 
 
 def trial_config(base_tree: dict[str, Any], point: dict[str, Any], trial_name: str) -> Config:
-    tree = merge_tree(copy.deepcopy(base_tree), _dotted_to_tree(point))
+    tree = merge_tree(copy.deepcopy(base_tree), dotted_tree(point))
     tree.setdefault("train", {})["name"] = trial_name
     return config_from_dict(tree)
 
@@ -75,12 +70,6 @@ def _trial_name(sweep: str, point: dict[str, Any]) -> str:
 
 def _run_trial(params: dict[str, Any]) -> None:
     """Tune trial: pretrain with this point's settings, then few-shot score the EMA encoder."""
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from sarjepa_dist.fewshot.runner import quick_score
-    from sarjepa_dist.train.runner import run_pretrain
-
     point = params["point"]
     cfg = trial_config(params["base"], point, params["trial_name"])
     result = run_pretrain(cfg, callbacks=[TuneReportCallback()])
@@ -98,49 +87,17 @@ def _run_trial(params: dict[str, Any]) -> None:
 
 
 def run_sweep(cfg: Config) -> SweepResult:
-    from ray import tune
-
-    from sarjepa_dist.train.cluster import ray_init
-
     grid = cfg.tune.grid or DEFAULT_GRID
     points = grid_points(grid, cfg)
     if not cfg.fewshot.data:
         raise ConfigError("fewshot.data is empty: a sweep ranks trials by few-shot accuracy on a labelled "
                           "dataset; set fewshot.data (it may be the pretraining data when it is labelled)")
-    ray_init(cfg.ray, cfg.storage)
     base_tree = cfg.to_dict()
-    sweep_root = storage.join(cfg.tune.storage_path, cfg.tune.name)
-    fs, path = storage.resolve(cfg.tune.storage_path)
-    # Only the grid point goes in param_space (Tune prints and records it); the base config rides
-    # along as a trainable parameter.
-    param_space = {"point": tune.grid_search(points)}
-    trainable = tune.with_parameters(_run_trial_wrapper, sweep_name=cfg.tune.name, base=base_tree)
-    # The trial driver itself is light; its TorchTrainer workers and Ray Data claim the CPUs.
-    trainable = tune.with_resources(trainable, {"CPU": 0.01})
-    run_config = tune.RunConfig(name=cfg.tune.name, storage_path=path, storage_filesystem=fs)
-    experiment_path = f"{path}/{cfg.tune.name}"
-    if tune.Tuner.can_restore(experiment_path, storage_filesystem=fs):
-        log.info("resuming sweep %s", cfg.tune.name)
-        tuner = tune.Tuner.restore(experiment_path, trainable, resume_errored=True, storage_filesystem=fs,
-                                   param_space=param_space)
-    else:
-        tuner = tune.Tuner(
-            trainable, param_space=param_space,
-            tune_config=tune.TuneConfig(num_samples=cfg.tune.num_samples,
-                                        max_concurrent_trials=cfg.tune.max_concurrent_trials),
-            run_config=run_config,
-        )
-    grid_results = tuner.fit()
-    rows = []
-    for res in grid_results:
-        m = res.metrics or {}
-        row = {k[len("param/"):]: json.loads(v) for k, v in m.items() if k.startswith("param/")}
-        row.update({k: m.get(k) for k in ("fewshot_acc", "fewshot_method", "fewshot_shots", "final_loss",
-                                           "final_step", "checkpoint_uri", "dataset_id")})
-        row["error"] = None if res.error is None else str(res.error).splitlines()[0][:300]
-        rows.append(row)
+    with ray_session(cfg.ray, cfg.storage):
+        rows = [_trial_row(res) for res in _tuner(cfg, points, base_tree).fit()]
     scored = [r for r in rows if r.get("fewshot_acc") is not None]
     best = (max if cfg.tune.mode == "max" else min)(scored, key=lambda r: r["fewshot_acc"]) if scored else None
+    sweep_root = storage.join(cfg.tune.storage_path, cfg.tune.name)
     table_uri = storage.join(sweep_root, "sweep.json")
     storage.write_text(table_uri, json.dumps({
         "name": cfg.tune.name, "metric": cfg.tune.metric, "mode": cfg.tune.mode, "grid": grid,
@@ -148,6 +105,38 @@ def run_sweep(cfg: Config) -> SweepResult:
     }, indent=2, default=str))
     storage.write_text(storage.join(sweep_root, "sweep.md"), format_table(rows, grid))
     return SweepResult(cfg.tune.name, table_uri, rows, best)
+
+
+def _tuner(cfg: Config, points: list[dict[str, Any]], base_tree: dict[str, Any]) -> tune.Tuner:
+    """A Tuner over the grid points, or the sweep of the same name restored from storage."""
+    fs, path = storage.resolve(cfg.tune.storage_path)
+    # Only the grid point goes in param_space (Tune prints and records it); the base config rides
+    # along as a trainable parameter.
+    param_space = {"point": tune.grid_search(points)}
+    trainable = tune.with_parameters(_run_trial_wrapper, sweep_name=cfg.tune.name, base=base_tree)
+    # The trial driver itself is light; its TorchTrainer workers and Ray Data claim the CPUs.
+    trainable = tune.with_resources(trainable, {"CPU": 0.01})
+    experiment_path = f"{path}/{cfg.tune.name}"
+    if tune.Tuner.can_restore(experiment_path, storage_filesystem=fs):
+        log.info("resuming sweep %s", cfg.tune.name)
+        return tune.Tuner.restore(experiment_path, trainable, resume_errored=True, storage_filesystem=fs,
+                                  param_space=param_space)
+    return tune.Tuner(
+        trainable, param_space=param_space,
+        tune_config=tune.TuneConfig(num_samples=cfg.tune.num_samples,
+                                    max_concurrent_trials=cfg.tune.max_concurrent_trials),
+        run_config=tune.RunConfig(name=cfg.tune.name, storage_path=path, storage_filesystem=fs),
+    )
+
+
+def _trial_row(res: Any) -> dict[str, Any]:
+    """One row of the sweep table: the trial's grid point, its score and outcome."""
+    m = res.metrics or {}
+    row = {k[len("param/"):]: json.loads(v) for k, v in m.items() if k.startswith("param/")}
+    row.update({k: m.get(k) for k in ("fewshot_acc", "fewshot_method", "fewshot_shots", "final_loss",
+                                       "final_step", "checkpoint_uri", "dataset_id")})
+    row["error"] = None if res.error is None else str(res.error).splitlines()[0][:300]
+    return row
 
 
 def _run_trial_wrapper(params: dict[str, Any], sweep_name: str, base: dict[str, Any]) -> None:

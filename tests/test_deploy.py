@@ -439,7 +439,7 @@ def test_interpreter_probe_covers_every_runtime_dependency():
 
 
 def test_non_path_encoders_match_the_few_shot_module():
-    from sarjepa_dist.fewshot.features import BASELINES
+    from sarjepa_dist.fewshot.sources import BASELINES
 
     assert set(NON_PATH_ENCODERS) == {"random-init", *BASELINES}
 

@@ -175,7 +175,7 @@ def test_ray_init_inside_a_job_leaves_out_the_jobs_env_vars(monkeypatch):
 
     from sarjepa_dist import storage
     from sarjepa_dist.config import RayConfig, StorageConfig
-    from sarjepa_dist.train import cluster
+    from sarjepa_dist import cluster
 
     job_env = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9000", "AWS_REGION": "us-east-1",
                "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}

@@ -49,6 +49,28 @@ def test_write_read_list_delete(root):
     assert storage.list_files(root, recursive=True) == []
 
 
+def test_folders_copy_to_local_and_back(root, tmp_path):
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "info.json").write_text("{}")
+    (src / "weights.bin").write_bytes(b"\x00w")
+    (src / "sub" / "part.txt").write_text("p")
+    folder = storage.join(root, "folder")
+    storage.upload_dir(src, folder, last=("info.json",))
+    assert [u.rsplit("/", 1)[-1] for u in storage.list_files(folder, recursive=True)] == [
+        "info.json", "part.txt", "weights.bin"]
+
+    whole = storage.download_dir(folder, tmp_path / "whole")
+    assert (whole / "sub" / "part.txt").read_text() == "p" and (whole / "weights.bin").read_bytes() == b"\x00w"
+    with pytest.raises(FileNotFoundError, match="no files here"):
+        storage.download_dir(storage.join(root, "nothing"), tmp_path / "none")
+
+    some = tmp_path / "some"
+    assert storage.download_named(folder, ["weights.bin", "absent.bin", "info.json"], some) == [
+        "weights.bin", "info.json"]
+    assert sorted(p.name for p in some.iterdir()) == ["info.json", "weights.bin"]
+
+
 def test_read_missing_names_the_uri(root):
     uri = storage.join(root, "nothing-here.bin")
     with pytest.raises(StorageError, match="nothing-here.bin: no such file"):

@@ -71,15 +71,30 @@ def _short(v: Any, n: int = 12) -> str:
 
 
 def render_markdown(results: Mapping[str, Any]) -> str:
-    proto = results["protocol"]
-    split = results["split"]
-    seeds = int(proto["seeds"])
     out: list[str] = ["# Few-shot evaluation", ""]
     out.append(f"Created {results.get('created_at', '')}. Feature domain requested: "
                f"**{results['feature_domain']}** (per encoder below).")
     out.append("")
-    out.append("## Data and split")
-    out.append("")
+    out.extend(_data_section(results))
+    out.extend(_protocol_section(results))
+    out.extend(_encoders_section(results))
+    for m in results["protocol"]["methods"]:
+        out.append(f"## Accuracy (%): {METHOD_TITLES.get(m, m)}")
+        out.append("")
+        out.extend(accuracy_table(results, m))
+        out.append("")
+    for table in (paired_table(results), per_class_table(results)):
+        if table:
+            out.extend(table)
+            out.append("")
+    out.append(f"Figure: `{FIGURE_FILE}`; every seed's accuracy, per-class accuracy and confusion matrix: "
+               f"`{RESULTS_FILE}`.")
+    return "\n".join(out) + "\n"
+
+
+def _data_section(results: Mapping[str, Any]) -> list[str]:
+    split = results["split"]
+    out = ["## Data and split", ""]
     out.append(f"- split: {split['kind']} — {split['description']}")
     out.append(f"- pool: {split['pool_size']} chips from `{split['pool_dataset']}` "
                f"(dataset {_short(split['pool_dataset_id'])}); test: {split['test_size']} chips from "
@@ -92,8 +107,13 @@ def render_markdown(results: Mapping[str, Any]) -> str:
     for c in results["class_names"]:
         out.append(f"| {c} | {split['pool_per_class'].get(c, 0)} | {split['test_per_class'].get(c, 0)} |")
     out.append("")
-    out.append("## Protocol")
-    out.append("")
+    return out
+
+
+def _protocol_section(results: Mapping[str, Any]) -> list[str]:
+    proto = results["protocol"]
+    seeds = int(proto["seeds"])
+    out = ["## Protocol", ""]
     out.append(f"- all-way ({len(results['class_names'])} classes), K ∈ {proto['shots']} shots per class, "
                f"{seeds} seed(s) each; the support set of each (K, seed) is shared by every encoder "
                f"(paired comparisons); the whole test set is scored every time")
@@ -106,8 +126,11 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         out.append("- cells: accuracy in % of the single seed; with one seed the 95% interval is undefined "
                    "(no spread to estimate): run more seeds (fewshot.seeds) for intervals")
     out.append("")
-    out.append("## Encoders")
-    out.append("")
+    return out
+
+
+def _encoders_section(results: Mapping[str, Any]) -> list[str]:
+    out = ["## Encoders", ""]
     out.append("| encoder | source | features fed | dim | checkpoint_id | trained on dataset | run@step |")
     out.append("|---|---|---|---:|---|---|---|")
     for e in results["encoders"]:
@@ -122,22 +145,7 @@ def render_markdown(results: Mapping[str, Any]) -> str:
         for name, n in notes:
             out.append(f"- {name}: {n}")
     out.append("")
-    for m in proto["methods"]:
-        out.append(f"## Accuracy (%): {METHOD_TITLES.get(m, m)}")
-        out.append("")
-        out.extend(accuracy_table(results, m))
-        out.append("")
-    paired = paired_table(results)
-    if paired:
-        out.extend(paired)
-        out.append("")
-    per_class = per_class_table(results)
-    if per_class:
-        out.extend(per_class)
-        out.append("")
-    out.append(f"Figure: `{FIGURE_FILE}`; every seed's accuracy, per-class accuracy and confusion matrix: "
-               f"`{RESULTS_FILE}`.")
-    return "\n".join(out) + "\n"
+    return out
 
 
 def _signed_pp(v: float) -> str:
@@ -201,6 +209,7 @@ def per_class_table(results: Mapping[str, Any]) -> list[str]:
 
 def render_figure(results: Mapping[str, Any]) -> bytes:
     """PNG bytes: accuracy vs K, one panel per method, one line per encoder, interval bands."""
+    # here, not at import: choosing the Agg backend must not happen to every process that imports the report
     import matplotlib
 
     matplotlib.use("Agg", force=False)

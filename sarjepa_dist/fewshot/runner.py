@@ -4,9 +4,9 @@
 
 1. read the labels/metadata of ``fewshot.data`` (and ``fewshot.test_data``) and split them
    (``splits.make_split``); check every K fits every class of the pool before any feature work;
-2. resolve every entry of ``fewshot.encoders`` to a feature source (``features.resolve_sources``);
+2. resolve every entry of ``fewshot.encoders`` to a feature source (``sources.resolve_sources``);
 3. features once per source and dataset: from ``<out>/features/*.npz`` when cached, else Ray Data
-   batch inference (``features.extract_features``), then cached;
+   batch inference (``extract.extract_features``), then cached (``cache.features_for``);
 4. the protocol (``protocol.run_protocol``): K shots × S seeds × methods, support sets shared by
    every source; mean ± t-interval per cell (``protocol.summarise``);
 5. ``results.json``, ``report.md`` and ``fewshot.png`` under ``fewshot.out`` (``report.write_report``).
@@ -19,18 +19,20 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from sarjepa_dist import storage
+from sarjepa_dist.cluster import ray_session
 from sarjepa_dist.config import Config, ConfigError
+from sarjepa_dist.fewshot.cache import features_for
 from sarjepa_dist.fewshot.classifiers import LinearProbeConfig
-from sarjepa_dist.fewshot.features import (FeatureSource, FeatureTable, encoder_source, features_for,
-                                           resolve_sources)
+from sarjepa_dist.fewshot.extract import FeatureTable
 from sarjepa_dist.fewshot.protocol import (EncoderFeatures, RunResult, SummaryRow, paired_differences,
                                            run_protocol, summarise)
 from sarjepa_dist.fewshot.report import write_report
+from sarjepa_dist.fewshot.sources import FeatureSource, encoder_source, resolve_sources
 from sarjepa_dist.fewshot.splits import (LabelledSet, Split, SplitError, check_shots, load_labelled_set,
                                          make_split)
 from sarjepa_dist.fewshot.stats import Interval, t_quantile
@@ -83,23 +85,23 @@ def _check_unique_ids(ds: LabelledSet) -> None:
 
 def prepare_split(cfg: Config, *, check_k: bool = True) -> PreparedSplit:
     """Read labels/metadata, split them as configured and (``check_k``) check every K fits."""
-    fs = cfg.fewshot
-    if not fs.data:
+    few = cfg.fewshot
+    if not few.data:
         raise ConfigError("fewshot.data is empty: give a labelled shard dataset (local path or s3://)")
-    pool_set = load_labelled_set(fs.data)
-    test_set = load_labelled_set(fs.test_data) if fs.test_data else None
+    pool_set = load_labelled_set(few.data)
+    test_set = load_labelled_set(few.test_data) if few.test_data else None
     for ds in (pool_set, test_set):
         if ds is not None:
             _check_unique_ids(ds)
             if not (ds.labels >= 0).any():
                 raise SplitError(f"{ds.root} holds no labelled chips; few-shot evaluation needs labels")
-    split = make_split(pool_set, test_set, split_column=fs.split_column, train_values=fs.train_values,
-                       test_values=fs.test_values, test_fraction=fs.test_fraction, seed=fs.seed)
+    split = make_split(pool_set, test_set, split_column=few.split_column, train_values=few.train_values,
+                       test_values=few.test_values, test_fraction=few.test_fraction, seed=few.seed)
     if check_k:
-        check_shots(pool_set.labels[split.pool], fs.shots, pool_set.class_names)
+        check_shots(pool_set.labels[split.pool], few.shots, pool_set.class_names)
     test_set = test_set if test_set is not None else pool_set
-    datasets = {pool_set.dataset_id: fs.data}
-    datasets.setdefault(test_set.dataset_id, fs.test_data or fs.data)
+    datasets = {pool_set.dataset_id: few.data}
+    datasets.setdefault(test_set.dataset_id, few.test_data or few.data)
     return PreparedSplit(pool_set, test_set, split, datasets)
 
 
@@ -127,20 +129,12 @@ def _align(prep: PreparedSplit, sources: Sequence[FeatureSource],
     return feats, prep.pool_set.labels[prep.split.pool], prep.test_set.labels[prep.split.test], dropped
 
 
-def _ray_starter(cfg: Config) -> tuple[Callable[[], None], list[bool]]:
-    """A function that joins (or starts) the configured Ray cluster on first use, and a list that
-    records whether it started one (which the caller then shuts down)."""
-    started: list[bool] = []
-
-    def ensure() -> None:
-        import ray
-
-        if not ray.is_initialized():
-            from sarjepa_dist.train.cluster import ray_init
-
-            ray_init(cfg.ray, cfg.storage, log_to_driver=False)
-            started.append(True)
-    return ensure, started
+def _feature_tables(cfg: Config, prep: PreparedSplit, sources: Sequence[FeatureSource], out: str | None
+                    ) -> tuple[dict[str, dict[str, FeatureTable]], dict[str, dict[str, Any]]]:
+    """``cache.features_for`` the split's datasets; Ray is joined (or started, and then shut down)
+    only when some features are not in the cache."""
+    with ray_session(cfg.ray, cfg.storage, log_to_driver=False, lazy=True) as connect:
+        return features_for(sources, prep.datasets, out, batch_size=cfg.fewshot.batch_size, ensure_ray=connect)
 
 
 # --------------------------------------------------------------------------- the job
@@ -188,7 +182,7 @@ def _encoder_record(src: FeatureSource, dim: int, extraction: dict[str, Any]) ->
 
 def run_fewshot(cfg: Config) -> FewshotResult:
     """Evaluate every ``cfg.fewshot.encoders`` entry; write and return the report."""
-    fs = cfg.fewshot
+    few = cfg.fewshot
     if cfg.storage.endpoint_url or cfg.storage.region:
         storage.configure(cfg.storage.endpoint_url, cfg.storage.region)
     prep = prepare_split(cfg)
@@ -196,20 +190,12 @@ def run_fewshot(cfg: Config) -> FewshotResult:
     log.info("few-shot split: %s (pool %d, test %d)", prep.split.description, len(prep.split.pool),
              len(prep.split.test))
     sources = resolve_sources(cfg)
-    ensure_ray, started = _ray_starter(cfg)
-    try:
-        tables, records = features_for(sources, prep.datasets, fs.out, batch_size=fs.batch_size,
-                                       ensure_ray=ensure_ray)
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
+    tables, records = _feature_tables(cfg, prep, sources, few.out)
     feats, pool_y, test_y, dropped = _align(prep, sources, tables)
-    check_shots(pool_y, fs.shots, class_names)
-    probe = LinearProbeConfig(epochs=fs.linear_epochs)
-    runs = run_protocol(feats, pool_y, test_y, class_names, shots=fs.shots, seeds=fs.seeds,
-                        methods=fs.methods, base_seed=fs.seed, knn_k=fs.knn_k, linear_epochs=fs.linear_epochs)
+    check_shots(pool_y, few.shots, class_names)
+    probe = LinearProbeConfig(epochs=few.linear_epochs)
+    runs = run_protocol(feats, pool_y, test_y, class_names, shots=few.shots, seeds=few.seeds,
+                        methods=few.methods, base_seed=few.seed, knn_k=few.knn_k, linear_epochs=few.linear_epochs)
     summary = summarise(runs)
     split_dict = prep.split.to_dict(prep.pool_set, prep.test_set, class_names)
     split_dict["dropped_bad_chips"] = dropped
@@ -217,14 +203,14 @@ def run_fewshot(cfg: Config) -> FewshotResult:
         "kind": "sarjepa-fewshot-report",
         "format_version": RESULTS_FORMAT,
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "feature_domain": fs.feature_domain,
+        "feature_domain": few.feature_domain,
         "class_names": list(class_names),
         "split": split_dict,
         "protocol": {
-            "shots": [int(k) for k in fs.shots], "seeds": fs.seeds, "base_seed": fs.seed,
-            "methods": list(fs.methods), "method_details": _method_details(cfg, probe),
+            "shots": [int(k) for k in few.shots], "seeds": few.seeds, "base_seed": few.seed,
+            "methods": list(few.methods), "method_details": _method_details(cfg, probe),
             "interval": "mean ± t_{0.975,S-1}·sd/√S over seeds (undefined for S = 1)",
-            "t_quantile": t_quantile(0.975, fs.seeds - 1) if fs.seeds > 1 else None,
+            "t_quantile": t_quantile(0.975, few.seeds - 1) if few.seeds > 1 else None,
             "support_sets": "drawn per (base_seed, K, seed) from the pool labels; identical for every encoder",
         },
         "encoders": [_encoder_record(s, feats[s.name].pool.shape[1], records[s.name]) for s in sources],
@@ -234,9 +220,9 @@ def run_fewshot(cfg: Config) -> FewshotResult:
         "runs": [r.to_dict() for r in runs],
         "config": cfg.to_dict(),
     }
-    uris = write_report(fs.out, results)
+    uris = write_report(few.out, results)
     log.info("few-shot report: %s", uris["report"])
-    return FewshotResult(out=fs.out, report_uri=uris["report"], results_uri=uris["results"],
+    return FewshotResult(out=few.out, report_uri=uris["report"], results_uri=uris["results"],
                          figure_uri=uris["figure"], results=results, runs=runs, summary=summary)
 
 
@@ -245,28 +231,21 @@ def quick_score(checkpoint: str, cfg: Config, *, method: str | None = None,
     """One number for a sweep trial: the mean accuracy of ``checkpoint`` over ``cfg.fewshot.seeds``
     seeds, with ``method`` (default: the first of ``fewshot.methods``) at ``shots`` (default: the
     largest K of ``fewshot.shots`` that every pool class can supply). Writes nothing."""
-    fs = cfg.fewshot
+    few = cfg.fewshot
     prep = prepare_split(cfg, check_k=False)
-    method = method or fs.methods[0]
+    method = method or few.methods[0]
     counts = np.bincount(prep.pool_set.labels[prep.split.pool])
     min_pool = int(counts[counts > 0].min())
     if shots is None:
-        fitting = [k for k in fs.shots if k <= min_pool]
+        fitting = [k for k in few.shots if k <= min_pool]
         if not fitting:
-            raise SplitError(f"no K in fewshot.shots = {fs.shots} fits the smallest pool class ({min_pool} chips)")
+            raise SplitError(f"no K in fewshot.shots = {few.shots} fits the smallest pool class ({min_pool} chips)")
         shots = max(fitting)
     src = encoder_source(checkpoint, cfg)
-    ensure_ray, started = _ray_starter(cfg)
-    try:
-        tables, _ = features_for([src], prep.datasets, None, batch_size=fs.batch_size, ensure_ray=ensure_ray)
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
+    tables, _ = _feature_tables(cfg, prep, [src], None)
     feats, pool_y, test_y, _ = _align(prep, [src], tables)
-    runs = run_protocol(feats, pool_y, test_y, prep.pool_set.class_names, shots=[shots], seeds=fs.seeds,
-                        methods=[method], base_seed=fs.seed, knn_k=fs.knn_k, linear_epochs=fs.linear_epochs)
+    runs = run_protocol(feats, pool_y, test_y, prep.pool_set.class_names, shots=[shots], seeds=few.seeds,
+                        methods=[method], base_seed=few.seed, knn_k=few.knn_k, linear_epochs=few.linear_epochs)
     iv = summarise(runs)[0].interval
     return {"accuracy": iv.mean, "half_width": iv.half_width, "method": method, "shots": int(shots),
-            "seeds": fs.seeds, "feature_domain": fs.feature_domain, "encoder": src.name}
+            "seeds": few.seeds, "feature_domain": few.feature_domain, "encoder": src.name}

@@ -46,10 +46,10 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from sarjepa_dist import storage
 from sarjepa_dist.config import Config
+from sarjepa_dist.cluster import ray_init, worker_env
 from sarjepa_dist.data.pipeline import build_dataset
 from sarjepa_dist.data.shards import read_manifest
 from sarjepa_dist.model.jepa import required_inputs
-from sarjepa_dist.train.cluster import ray_init, worker_env
 from sarjepa_dist.train.loop import RunInfo, StepHook, train_loop_per_worker
 from sarjepa_dist.train.probe_hook import OnlineProbe, check_probe_data
 

@@ -7,9 +7,13 @@ import pytest
 import torch
 
 from _fewshot_helpers import blob_chips, blob_dataset
-from sarjepa_dist.config import config_from_dict
+from sarjepa_dist.config import ConfigError, config_from_dict
 from sarjepa_dist.data.shards import read_manifest
-from sarjepa_dist.fewshot import features as F
+from sarjepa_dist.fewshot import extract
+from sarjepa_dist.fewshot.cache import cache_uri, features_for, save_cache
+from sarjepa_dist.fewshot.compute import FeatureError, GRADIENT_MAP_GRID, build_model, compute_features
+from sarjepa_dist.fewshot.extract import ChipFeatureUDF, actor_plan, extract_local
+from sarjepa_dist.fewshot.sources import baseline_source, encoder_source
 from sarjepa_dist.model.io import export_encoder, save_checkpoint_dir
 from sarjepa_dist.model.jepa import SarJEPA
 from sarjepa_dist.transforms import prepare_inputs
@@ -44,13 +48,13 @@ def checkpoint(tmp_path_factory):
 def test_checkpoint_and_its_export_give_the_same_features(checkpoint):
     cfg = tiny_cfg()
     chips = blob_chips(np.arange(6) % 3, size=20)
-    from_ckpt = F.encoder_source(checkpoint["ckpt"], cfg)
-    from_export = F.encoder_source(checkpoint["export"], cfg)
-    from_export_file = F.encoder_source(checkpoint["export"] + "/encoder.safetensors", cfg)
-    a = F.compute_features(chips, from_ckpt.recipe, F.build_model(from_ckpt.recipe, from_ckpt.state))
-    b = F.compute_features(chips, from_export.recipe, F.build_model(from_export.recipe, from_export.state))
-    c = F.compute_features(chips, from_export_file.recipe,
-                           F.build_model(from_export_file.recipe, from_export_file.state))
+    from_ckpt = encoder_source(checkpoint["ckpt"], cfg)
+    from_export = encoder_source(checkpoint["export"], cfg)
+    from_export_file = encoder_source(checkpoint["export"] + "/encoder.safetensors", cfg)
+    a = compute_features(chips, from_ckpt.recipe, build_model(from_ckpt.recipe, from_ckpt.state))
+    b = compute_features(chips, from_export.recipe, build_model(from_export.recipe, from_export.state))
+    c = compute_features(chips, from_export_file.recipe,
+                           build_model(from_export_file.recipe, from_export_file.state))
     assert a.shape == (6, 192)
     np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(a, c)
@@ -61,11 +65,32 @@ def test_checkpoint_and_its_export_give_the_same_features(checkpoint):
     assert from_ckpt.info["lineage"]["dataset_id"] == "d" * 64
 
 
+@pytest.mark.parametrize("pooling", ["grid2", "grid4", "centre"])
+def test_encoder_features_follow_fewshot_pooling(checkpoint, pooling):
+    """Spatial poolings keep the token layout; random-init gets the same protocol as any encoder."""
+    from sarjepa_dist.model.pooling import pool_tokens
+
+    cfg = tiny_cfg(pooling=pooling)
+    chips = blob_chips(np.arange(4) % 3, size=16)
+    inp = prepare_inputs(torch.from_numpy(chips), cfg.data, cfg.gradient, need=("x",))["x"]
+    for spec in (checkpoint["ckpt"], "random-init"):
+        src = encoder_source(spec, cfg)
+        assert src.recipe.pooling == pooling and f"{pooling}-pooled" in src.domain_description
+        model = build_model(src.recipe, src.state)
+        feats = compute_features(chips, src.recipe, model)
+        with torch.no_grad():
+            expected = pool_tokens(model(inp), model.grid_size, pooling).numpy()
+        grid = {"grid2": 4, "grid4": 16, "centre": 1}[pooling]
+        assert feats.shape == (4, model.embed_dim * grid)
+        np.testing.assert_allclose(feats, expected, rtol=1e-5, atol=1e-5)
+    assert encoder_source("random-init", cfg).fingerprint != encoder_source("random-init", tiny_cfg()).fingerprint
+
+
 def test_features_come_from_the_ema_encoder(checkpoint):
     cfg = tiny_cfg()
-    src = F.encoder_source(checkpoint["ckpt"], cfg)
+    src = encoder_source(checkpoint["ckpt"], cfg)
     chips = blob_chips(np.arange(4) % 3, size=16)
-    feats = F.compute_features(chips, src.recipe, F.build_model(src.recipe, src.state))
+    feats = compute_features(chips, src.recipe, build_model(src.recipe, src.state))
     model = checkpoint["model"]
     with torch.no_grad():
         inp = prepare_inputs(torch.from_numpy(chips), cfg.data, cfg.gradient, need=("x",))["x"]
@@ -77,8 +102,8 @@ def test_features_come_from_the_ema_encoder(checkpoint):
 
 
 def test_domains_inputs_and_cache_names_differ(checkpoint):
-    ctx = F.encoder_source(checkpoint["ckpt"], tiny_cfg(feature_domain="context"))
-    tgt = F.encoder_source(checkpoint["ckpt"], tiny_cfg(feature_domain="target"))
+    ctx = encoder_source(checkpoint["ckpt"], tiny_cfg(feature_domain="context"))
+    tgt = encoder_source(checkpoint["ckpt"], tiny_cfg(feature_domain="target"))
     assert (ctx.recipe.input, tgt.recipe.input) == ("x", "gx")
     assert ctx.cache_name("a" * 64) != tgt.cache_name("a" * 64)
     assert ctx.cache_name("a" * 64).endswith("__aaaaaaaaaaaa__context.npz")
@@ -87,65 +112,66 @@ def test_domains_inputs_and_cache_names_differ(checkpoint):
     # a gradient-context encoder is fed ∇x in its context domain
     grad_cfg = config_from_dict({**TINY, "model": {**TINY["model"], "context_domain": "gradient"},
                                  "fewshot": {"encoders": ["random-init"]}})
-    assert F.encoder_source("random-init", grad_cfg).recipe.input == "gx"
-    # cls pooling on an encoder without a class token falls back to mean, and says so
-    cls = F.encoder_source("random-init", tiny_cfg(pooling="cls"))
-    assert cls.recipe.pooling == "mean" and "class token" in cls.notes[0]
+    assert encoder_source("random-init", grad_cfg).recipe.input == "gx"
+    # the encoder has no class token to pool: the config offers mean pooling only, and says so
+    with pytest.raises(ConfigError, match=r"fewshot\.pooling = 'cls' is not allowed; choose one of \['mean', 'grid2', 'grid4', 'centre'\]"):
+        tiny_cfg(pooling="cls")
+    assert ctx.recipe.pooling == "mean" and not ctx.notes
 
 
 def test_random_init_is_seeded():
-    a = F.encoder_source("random-init", tiny_cfg(seed=1))
-    b = F.encoder_source("random-init", tiny_cfg(seed=1))
-    c = F.encoder_source("random-init", tiny_cfg(seed=2))
+    a = encoder_source("random-init", tiny_cfg(seed=1))
+    b = encoder_source("random-init", tiny_cfg(seed=1))
+    c = encoder_source("random-init", tiny_cfg(seed=2))
     assert a.fingerprint == b.fingerprint != c.fingerprint
 
 
 def test_baselines_shapes():
     cfg = tiny_cfg()
     chips = blob_chips(np.arange(5) % 3, size=24)
-    raw = F.baseline_source("raw-pixels", cfg)
-    grad = F.baseline_source("gradient-maps", cfg)
-    assert F.compute_features(chips, raw.recipe).shape == (5, 16 * 16)
-    assert F.compute_features(chips, grad.recipe).shape == (5, 2 * F.GRADIENT_MAP_GRID ** 2)
-    with pytest.raises(F.FeatureError, match="unknown baseline"):
-        F.baseline_source("hog", cfg)
-    with pytest.raises(F.FeatureError, match="channel"):
-        F.compute_features(np.ones((2, 2, 16, 16), np.float32), raw.recipe)
+    raw = baseline_source("raw-pixels", cfg)
+    grad = baseline_source("gradient-maps", cfg)
+    assert compute_features(chips, raw.recipe).shape == (5, 16 * 16)
+    assert compute_features(chips, grad.recipe).shape == (5, 2 * GRADIENT_MAP_GRID ** 2)
+    with pytest.raises(FeatureError, match="unknown baseline"):
+        baseline_source("hog", cfg)
+    with pytest.raises(FeatureError, match="channel"):
+        compute_features(np.ones((2, 2, 16, 16), np.float32), raw.recipe)
 
 
 def test_cache_hit_skips_the_extractor_and_stale_files_are_ignored(tmp_path, monkeypatch):
     root = blob_dataset(str(tmp_path / "blobs"), per_class=4)
     dataset_id = read_manifest(root).dataset_id
     cfg = tiny_cfg()
-    raw = F.baseline_source("raw-pixels", cfg)
+    raw = baseline_source("raw-pixels", cfg)
     calls = []
 
     def fake_extract(sources, datasets, **kwargs):
         calls.append([s.name for s in sources])
-        return {s.name: {d: F.extract_local(s, r) for d, r in datasets.items()} for s in sources}
+        return {s.name: {d: extract_local(s, r) for d, r in datasets.items()} for s in sources}
 
-    monkeypatch.setattr(F, "extract_features", fake_extract)
+    monkeypatch.setattr(extract, "extract_features", fake_extract)
     out = str(tmp_path / "report")
-    first, rec1 = F.features_for([raw], {dataset_id: root}, out)
+    first, rec1 = features_for([raw], {dataset_id: root}, out)
     assert calls == [["raw-pixels"]] and rec1["raw-pixels"]["extracted"] == [dataset_id]
-    second, rec2 = F.features_for([raw], {dataset_id: root}, out)
+    second, rec2 = features_for([raw], {dataset_id: root}, out)
     assert calls == [["raw-pixels"]] and rec2["raw-pixels"]["cached"] == [dataset_id]
     np.testing.assert_array_equal(first["raw-pixels"][dataset_id].features, second["raw-pixels"][dataset_id].features)
     # a file under the right name but made by something else is not trusted
-    other = F.baseline_source("raw-pixels", config_from_dict({**TINY, "data": {"img_size": 8}}))
-    uri = F.cache_uri(out, raw, dataset_id)
-    F.save_cache(uri, first["raw-pixels"][dataset_id], other, dataset_id)
-    F.features_for([raw], {dataset_id: root}, out)
+    other = baseline_source("raw-pixels", config_from_dict({**TINY, "data": {"img_size": 8}}))
+    uri = cache_uri(out, raw, dataset_id)
+    save_cache(uri, first["raw-pixels"][dataset_id], other, dataset_id)
+    features_for([raw], {dataset_id: root}, out)
     assert calls == [["raw-pixels"], ["raw-pixels"]]
 
 
 def test_actor_plan_leaves_cpus_for_reading_and_uses_one_gpu_per_actor():
-    assert F.actor_plan({"CPU": 4}) == {"size": 1, "num_gpus": 0, "num_cpus": 3}
-    assert F.actor_plan({"CPU": 1}) == {"size": 1, "num_gpus": 0, "num_cpus": 1}
-    plan = F.actor_plan({"CPU": 32})
+    assert actor_plan({"CPU": 4}) == {"size": 1, "num_gpus": 0, "num_cpus": 3}
+    assert actor_plan({"CPU": 1}) == {"size": 1, "num_gpus": 0, "num_cpus": 1}
+    plan = actor_plan({"CPU": 32})
     assert plan["size"] * plan["num_cpus"] < 32
-    assert F.actor_plan({"CPU": 16, "GPU": 2}) == {"size": 2, "num_gpus": 1, "num_cpus": 1}
-    assert F.actor_plan({"CPU": 16, "GPU": 2}, gpu=False)["num_gpus"] == 0
+    assert actor_plan({"CPU": 16, "GPU": 2}) == {"size": 2, "num_gpus": 1, "num_cpus": 1}
+    assert actor_plan({"CPU": 16, "GPU": 2}, gpu=False)["num_gpus"] == 0
 
 
 def test_the_ray_callable_matches_the_local_computation(checkpoint):
@@ -153,20 +179,20 @@ def test_the_ray_callable_matches_the_local_computation(checkpoint):
     from sarjepa_dist.data.shards import encode_chip
 
     cfg = tiny_cfg()
-    sources = [F.encoder_source(checkpoint["ckpt"], cfg), F.baseline_source("raw-pixels", cfg)]
+    sources = [encoder_source(checkpoint["ckpt"], cfg), baseline_source("raw-pixels", cfg)]
     chips = [blob_chips(np.array([i % 3]), size=16)[0] for i in range(3)] + [blob_chips(np.array([0]), size=20)[0]]
     enc = [encode_chip(c) for c in chips]
     batch = {"chip_id": np.array(["a", "b", "c", "d", "bad"]), "path": np.array(["p"] * 5),
              "chip": np.array([e[0] for e in enc] + [b"xx"], dtype=object),
              "chip_shape": np.array([np.array(e[1]) for e in enc] + [np.array([1, 16, 16])], dtype=object),
              "chip_dtype": np.array([e[2] for e in enc] + ["float32"])}
-    udf = F.ChipFeatureUDF([s.recipe.to_dict() for s in sources], [s.state for s in sources])
+    udf = ChipFeatureUDF([s.recipe.to_dict() for s in sources], [s.state for s in sources])
     out = udf(batch)
     assert out["ok"].tolist() == [True, True, True, True, False]
     for j, src in enumerate(sources):
-        model = F.build_model(src.recipe, src.state)
-        same_size = F.compute_features(np.stack(chips[:3]), src.recipe, model)
-        other = F.compute_features(chips[3][None], src.recipe, model)
+        model = build_model(src.recipe, src.state)
+        same_size = compute_features(np.stack(chips[:3]), src.recipe, model)
+        other = compute_features(chips[3][None], src.recipe, model)
         np.testing.assert_allclose(out[f"f{j}"][:3], same_size, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(out[f"f{j}"][3:4], other, rtol=1e-5, atol=1e-6)
         assert not out[f"f{j}"][4].any()

@@ -13,7 +13,7 @@ import torch
 from sarjepa_dist import storage
 from sarjepa_dist.config import config_from_dict
 from sarjepa_dist.data.synth import SynthConfig, write_synthetic_dataset
-from sarjepa_dist.fewshot import features as F
+from sarjepa_dist.fewshot import extract
 from sarjepa_dist.fewshot.runner import run_fewshot
 from sarjepa_dist.model.io import save_checkpoint_dir
 from sarjepa_dist.model.jepa import SarJEPA
@@ -53,7 +53,7 @@ def test_run_fewshot_with_ray_data_then_from_the_cache(ray_local, tmp_path, monk
     def boom(*args, **kwargs):
         raise AssertionError("extractor called on a cached re-run")
 
-    monkeypatch.setattr(F, "extract_features", boom)
+    monkeypatch.setattr(extract, "extract_features", boom)
     again = run_fewshot(cfg)
     assert all(e["extraction"]["cached"] and not e["extraction"]["extracted"] for e in again.results["encoders"])
     first = {(r["encoder"], r["method"], r["shots"], r["seed"]): r["accuracy"] for r in results["runs"]}

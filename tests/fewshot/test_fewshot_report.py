@@ -10,7 +10,8 @@ import pytest
 
 from _fewshot_helpers import blob_chips, blob_dataset, write_labelled
 from sarjepa_dist.config import config_from_dict
-from sarjepa_dist.fewshot import features as F
+from sarjepa_dist.fewshot import extract
+from sarjepa_dist.fewshot.extract import extract_local
 from sarjepa_dist.fewshot.report import render_markdown
 from sarjepa_dist.fewshot.runner import quick_score, run_fewshot
 from sarjepa_dist.fewshot.splits import SplitError
@@ -25,9 +26,9 @@ def local_extract(monkeypatch):
 
     def fake(sources, datasets, **kwargs):
         calls.append(sorted(s.name for s in sources))
-        return {s.name: {d: F.extract_local(s, r) for d, r in datasets.items()} for s in sources}
+        return {s.name: {d: extract_local(s, r) for d, r in datasets.items()} for s in sources}
 
-    monkeypatch.setattr(F, "extract_features", fake)
+    monkeypatch.setattr(extract, "extract_features", fake)
     return calls
 
 

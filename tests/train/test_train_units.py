@@ -1,8 +1,7 @@
-"""Pieces of the pretraining runner that need no Ray cluster: telemetry, cluster env, export via S3."""
+"""Pieces of the pretraining runner that need no Ray cluster: telemetry, loop helpers, export via S3."""
 
 from __future__ import annotations
 
-import logging
 import os
 
 import pytest
@@ -10,8 +9,6 @@ import torch
 
 from _train_helpers import tiny_config
 from sarjepa_dist import storage
-from sarjepa_dist.config import RayConfig
-from sarjepa_dist.train import cluster
 from sarjepa_dist.train.loop import LoopState, param_checksum
 from sarjepa_dist.train.metrics import IntervalMeter, TensorBoardLogger, format_progress, scalar_metrics
 
@@ -72,57 +69,6 @@ def test_tensorboard_s3_stages_locally_and_uploads(s3_bucket, tmp_path):
     assert len(storage.read_bytes(first[0])) > size1  # the grown file is uploaded again
 
 
-# --------------------------------------------------------------------------- cluster env
-
-
-def test_worker_env_carries_storage_and_project_vars_only():
-    environ = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_SECRET_ACCESS_KEY": "s3cr3t-value",
-               "AWS_ACCESS_KEY_ID": "AKIDEXAMPLE", "SARJEPA_FAULT_AT_STEP": "3", "HOME": "/root",
-               "AWS_SESSION_TOKEN": ""}
-    env = cluster.worker_env(environ)
-    assert env["AWS_SECRET_ACCESS_KEY"] == "s3cr3t-value"
-    assert env["SARJEPA_FAULT_AT_STEP"] == "3"
-    assert "HOME" not in env and "AWS_SESSION_TOKEN" not in env  # unrelated / empty
-    public = cluster.worker_env(environ, secrets=False)
-    assert "AWS_SECRET_ACCESS_KEY" not in public and "AWS_ACCESS_KEY_ID" not in public
-    assert public["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9" and public["SARJEPA_FAULT_AT_STEP"] == "3"
-    described = cluster.describe_env(env)
-    assert "AWS_SECRET_ACCESS_KEY" in described and "s3cr3t-value" not in described
-
-
-def test_ray_init_exports_storage_env_but_never_secrets(monkeypatch, caplog):
-    import ray
-
-    secret = "very-secret-key-123"
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE9")
-    calls = []
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
-    with caplog.at_level(logging.DEBUG):
-        where = cluster.ray_init(RayConfig(address="127.0.0.1:6379"))
-        cluster.ray_init(RayConfig(num_cpus=3))
-    assert "127.0.0.1:6379" in where
-    assert calls[0]["address"] == "127.0.0.1:6379"
-    env = calls[0]["runtime_env"]["env_vars"]
-    assert env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9000" and env["RAY_ADDRESS"] == "127.0.0.1:6379"
-    # Ray records a job's runtime_env (job table, dashboard): credentials stay out of it
-    assert "AWS_SECRET_ACCESS_KEY" not in env and "AWS_ACCESS_KEY_ID" not in env
-    assert secret not in repr(calls)
-    assert calls[1]["num_cpus"] == 3 and calls[1]["address"] == "local"  # never joins a stray cluster
-    assert secret not in caplog.text and "AKIDEXAMPLE9" not in caplog.text
-    assert "AWS_ENDPOINT_URL" in caplog.text  # the names are logged, so operators can check
-
-
-def test_ray_init_keeps_an_existing_connection(monkeypatch):
-    import ray
-
-    monkeypatch.setattr(ray, "is_initialized", lambda: True)
-    monkeypatch.setattr(ray, "init", lambda **kw: pytest.fail("must not re-initialise Ray"))
-    assert "already connected" in cluster.ray_init(RayConfig(address="127.0.0.1:6390"))
-
-
 # --------------------------------------------------------------------------- loop helpers
 
 
@@ -153,7 +99,7 @@ def test_export_from_s3_checkpoint_to_s3_loads_into_plain_timm(s3_bucket, tmp_pa
 
     from sarjepa_dist.engine import build_method
     from sarjepa_dist.model.io import save_checkpoint_dir
-    from sarjepa_dist.train.export import download_dir, export_checkpoint, upload_dir
+    from sarjepa_dist.train.export import export_checkpoint
 
     cfg = tiny_config("unused", str(tmp_path / "runs"), "exp")
     torch.manual_seed(0)
@@ -165,11 +111,11 @@ def test_export_from_s3_checkpoint_to_s3_loads_into_plain_timm(s3_bucket, tmp_pa
     save_checkpoint_dir(local, model, None, {"step": 3}, cfg.to_dict(),
                         {"run_name": "exp", "step": 3, "dataset_id": "d" * 64})
     ckpt_uri = storage.join(s3_bucket, "runs", "exp", "checkpoint_00000003")
-    upload_dir(local, ckpt_uri)
+    storage.upload_dir(local, ckpt_uri)
     out_uri = storage.join(s3_bucket, "exports", "exp")
     assert export_checkpoint(ckpt_uri, out_uri) == out_uri
 
-    got = download_dir(out_uri, tmp_path / "export")
+    got = storage.download_dir(out_uri, tmp_path / "export")
     info = __import__("json").loads((got / "encoder.json").read_text())
     assert info["lineage"]["checkpoint"] == ckpt_uri
     assert info["lineage"]["dataset_id"] == "d" * 64 and info["weights"] == "ema-target"

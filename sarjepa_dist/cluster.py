@@ -3,7 +3,8 @@
 One rule for every runner: ``cfg.ray.address`` wins, then ``RAY_ADDRESS``, else a fresh local
 cluster sized by ``cfg.ray.num_cpus`` / ``num_gpus``. A process that already called ``ray.init``
 (a test fixture, a notebook, ``sarjepa`` inside a Ray job) keeps its connection: re-initialising
-would drop the caller's cluster and every object it holds.
+would drop the caller's cluster and every object it holds. Runners hold their connection in a
+:func:`ray_session`, which shuts down only a cluster it started itself.
 
 Workers on other nodes do not inherit the driver's environment, yet they read shards from, and
 write checkpoints to, the same S3-compatible store as the driver. So the non-secret storage
@@ -16,14 +17,19 @@ exported variables are ever logged.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from typing import Mapping
+import socket
+from typing import Callable, Iterator, Mapping
+
+import ray
 
 from sarjepa_dist import storage
 from sarjepa_dist.config import RayConfig, StorageConfig
 
-__all__ = ["STORAGE_ENV_VARS", "SECRET_ENV_VARS", "PROJECT_ENV_PREFIX", "describe_env", "worker_env", "ray_init"]
+__all__ = ["STORAGE_ENV_VARS", "SECRET_ENV_VARS", "PROJECT_ENV_PREFIX", "describe_env", "worker_env", "ray_init",
+           "ray_session"]
 
 _log = logging.getLogger(__name__)
 
@@ -69,8 +75,6 @@ _pinned_api_address: str | None = None
 
 
 def _free_loopback_port() -> int:
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -87,8 +91,6 @@ def ray_init(ray_cfg: RayConfig, storage_cfg: StorageConfig | None = None, *, lo
     ``storage_cfg`` (endpoint/region from the config file) is applied to this process first, so
     the exported environment carries it to the workers as well.
     """
-    import ray
-
     if storage_cfg is not None:
         storage.configure(storage_cfg.endpoint_url, storage_cfg.region)
     if ray.is_initialized():
@@ -140,3 +142,31 @@ def ray_init(ray_cfg: RayConfig, storage_cfg: StorageConfig | None = None, *, lo
              include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
              log_to_driver=log_to_driver)
     return "a new local Ray cluster"
+
+
+@contextlib.contextmanager
+def ray_session(ray_cfg: RayConfig, storage_cfg: StorageConfig | None = None, *, log_to_driver: bool = True,
+                lazy: bool = False) -> Iterator[Callable[[], None]]:
+    """Connect to Ray (:func:`ray_init`) for the ``with`` block; on leaving it, shut down the cluster
+    connection only when this session made it, never the caller's.
+
+    Yields ``connect()``. With ``lazy=True`` nothing happens until ``connect()`` is first called,
+    and it does nothing when Ray is already up: a job that may need no cluster at all (few-shot
+    features all in the cache) starts none.
+    """
+    started = False
+
+    def connect() -> None:
+        nonlocal started
+        if not ray.is_initialized():
+            ray_init(ray_cfg, storage_cfg, log_to_driver=log_to_driver)
+            started = True
+
+    if not lazy:
+        started = not ray.is_initialized()
+        ray_init(ray_cfg, storage_cfg, log_to_driver=log_to_driver)
+    try:
+        yield connect
+    finally:
+        if started:
+            ray.shutdown()
