@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from sarjepa_dist.config import ConfigError, load_config, yaml_load
+from sarjepa_dist.errors import JobRefusedError, SarjepaError
+from sarjepa_dist.storage import redact
 
 log = logging.getLogger(__name__)
 
@@ -96,11 +98,16 @@ def _enable_token_auth_if_available() -> None:
 def submit(spec: JobSpec, *, address: str | None = None, base_dir: Path = Path("."),
            wait: bool = True, timeout_s: float = 24 * 3600, poll_s: float = 2.0) -> tuple[str, str]:
     """Submit; with ``wait`` stream logs until the job ends. Returns (submission id, final status)."""
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
     _enable_token_auth_if_available()
     address = address or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265"
-    client = JobSubmissionClient(address)
+    try:
+        client = JobSubmissionClient(address)
+    except (ConnectionError, AuthenticationError, RuntimeError) as exc:
+        raise JobRefusedError(f"job {spec.name!r}: the Ray job server at {redact(address)} refused the "
+                              f"connection: {redact(str(exc))}") from exc
     submission_id = f"{spec.name}-{int(time.time())}"
     agent_deadline = time.time() + 120
     while True:
@@ -114,10 +121,11 @@ def submit(spec: JobSpec, *, address: str | None = None, base_dir: Path = Path("
                 metadata={"sarjepa_job": spec.name},
             )
             break
-        except RuntimeError as exc:
+        except (RuntimeError, AuthenticationError) as exc:
             # a freshly started head answers 500 until its job agent is up
             if "No available agent" not in str(exc) or time.time() > agent_deadline:
-                raise
+                raise JobRefusedError(f"job {spec.name!r}: the Ray job server at {redact(address)} refused "
+                                      f"it: {redact(str(exc))}") from exc
             time.sleep(2.0)
     log.info("submitted %s as %s to %s", spec.name, job_id, address)
     if not wait:
@@ -139,4 +147,6 @@ def submit_job_spec(path: str, *, address: str | None = None, wait: bool = True)
 
         logs = JobSubmissionClient(address or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265").get_job_logs(job_id)
         print(logs[-4000:])
-    return 0 if (not wait or status == "SUCCEEDED") else 1
+        if status != "SUCCEEDED":
+            raise SarjepaError(f"job {job_id} ended {status}; the end of its log is above")
+    return 0

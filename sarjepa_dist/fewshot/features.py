@@ -41,6 +41,7 @@ import torch
 from sarjepa_dist import storage
 from sarjepa_dist.config import Config, DataConfig, GradientConfig, to_plain
 from sarjepa_dist.data import shards
+from sarjepa_dist.errors import SarjepaError
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ _ENCODER_FILES = ("model.safetensors", "config.json", "meta.json", "state.json",
                   "encoder.json")
 
 
-class FeatureError(RuntimeError):
+class FeatureError(SarjepaError, RuntimeError):
     """Features cannot be computed as configured; the message names the encoder and the cause."""
 
 
