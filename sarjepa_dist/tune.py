@@ -18,6 +18,7 @@ from typing import Any
 
 from sarjepa_dist import storage
 from sarjepa_dist.config import Config, ConfigError, config_from_dict, merge_tree
+from sarjepa_dist.data.shards import read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,12 @@ def run_sweep(cfg: Config) -> SweepResult:
     if not cfg.fewshot.data:
         raise ConfigError("fewshot.data is empty: a sweep ranks trials by few-shot accuracy on a labelled "
                           "dataset; set fewshot.data (it may be the pretraining data when it is labelled)")
+    if not cfg.data.path:
+        raise ConfigError("data.path is empty: give the shard dataset the trials pretrain on (local path or s3://)")
+    # Both datasets are read before Ray starts: a wrong path fails now, not once in every trial.
+    storage.configure(cfg.storage.endpoint_url, cfg.storage.region)
+    read_manifest(cfg.data.path)
+    read_manifest(cfg.fewshot.data)
     ray_init(cfg.ray, cfg.storage)
     base_tree = cfg.to_dict()
     sweep_root = storage.join(cfg.tune.storage_path, cfg.tune.name)

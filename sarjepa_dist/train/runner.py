@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 from sarjepa_dist import storage
-from sarjepa_dist.config import Config
+from sarjepa_dist.config import Config, ConfigError
 from sarjepa_dist.train.cluster import ray_init, worker_env
 from sarjepa_dist.train.loop import RunInfo, train_loop_per_worker
 
@@ -81,8 +81,12 @@ def run_pretrain(cfg: Config, *, callbacks: Sequence[Any] | None = None,
     from sarjepa_dist.data.shards import read_manifest
 
     cfg.validate()
-    ray_init(cfg.ray, cfg.storage)
+    if not cfg.data.path:
+        raise ConfigError("data.path is empty: give the shard dataset to pretrain on (local path or s3://)")
+    # The manifest is read before Ray starts, so a wrong data.path fails in a second, not after start-up.
+    storage.configure(cfg.storage.endpoint_url, cfg.storage.region)
     manifest = read_manifest(cfg.data.path)
+    ray_init(cfg.ray, cfg.storage)
     need = _required_inputs(cfg)
     tracker_name = cfg.train.name
     dataset = build_dataset(cfg.data, cfg.gradient, need=need, training=True, epoch=0, run_name=tracker_name)
