@@ -159,6 +159,7 @@ CASES = [
     ("export-storage-access-denied", ["export", "s3://bucket/run", "{root}/enc"], "refusing", 1,
      ["s3://bucket/run: cannot read", "ACCESS_DENIED"]),
     ("submit-missing-spec", ["submit", "{missing}/pretrain.job.yaml"], None, 2, ["{missing}/pretrain.job.yaml"]),
+    ("demo-out-under-a-file", ["demo", "--out", "{afile}/demo"], None, 1, ["{afile}/demo"]),
 ]
 
 
