@@ -1,4 +1,4 @@
-"""``sarjepa`` command line: parse, load config, call one runner. No logic lives here.
+"""``sarjepa`` command line: parse, load config, call one runner, report its failure clearly.
 
 Errors. Every expected failure ends in one ``sarjepa: error: <message>`` block on stderr, the
 message naming the offending file, key or URI, and a non-zero exit status:
@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=None)
     p.add_argument("--chips-key", default="chips")
     p.add_argument("--labels-key", default="labels")
-    p = isub.add_parser("scene", parents=[verbose], help="tile a large scene (GeoTIFF/TIFF/.npy, magnitude or complex)")
+    p = isub.add_parser("scene", parents=[verbose],
+                        help="tile a large scene (GeoTIFF/TIFF/.npy, magnitude or complex)")
     p.add_argument("src")
     p.add_argument("dest")
     p.add_argument("--tile", type=int, required=True)
@@ -107,11 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p = sub.add_parser("fewshot", parents=[verbose], help="few-shot evaluation of encoders")
     _config_args(p)
-    p = sub.add_parser("submit", parents=[verbose], help="submit a job spec (jobs/*.yaml) to a Ray cluster as a Ray Job")
+    p = sub.add_parser("submit", parents=[verbose],
+                       help="submit a job spec (jobs/*.yaml) to a Ray cluster as a Ray Job")
     p.add_argument("spec", help="job spec YAML with 'entrypoint' and 'config'")
     p.add_argument("--address", default=None, help="Ray dashboard address (default: RAY_ADDRESS or local)")
     p.add_argument("--no-wait", action="store_true", help="return after submission")
-    p = sub.add_parser("demo", parents=[verbose], help="the whole path on built-in data: synth → pretrain → sweep → few-shot")
+    p = sub.add_parser("demo", parents=[verbose],
+                       help="the whole path on built-in data: synth → pretrain → sweep → few-shot")
     p.add_argument("--out", default="demo_out", help="where data, runs and reports go")
     p.add_argument("--quick", action="store_true", help="smallest settings (smoke test)")
     return parser

@@ -13,6 +13,7 @@ from __future__ import annotations
 import http.server
 import io
 import os
+import pickle
 import socket
 import subprocess
 import sys
@@ -223,7 +224,9 @@ def _fail_pretrain_with(monkeypatch, exc: BaseException) -> None:
 def test_a_train_workers_expected_failure_is_reported_without_rays_wrapping(world, monkeypatch, capsys):
     from ray.train import WorkerGroupError
 
-    bad = BadDataError({"nan_or_inf": 7}, 40, 0.05, [{"reason": "nan_or_inf", "chip_id": "c-17", "shard": "s0.parquet"}])
+    example = {"reason": "nan_or_inf", "chip_id": "c-17", "shard": "s0.parquet"}
+    # raised in a train worker, it reaches the driver pickled
+    bad = pickle.loads(pickle.dumps(BadDataError({"nan_or_inf": 7}, 40, 0.05, [example])))
     _fail_pretrain_with(monkeypatch, WorkerGroupError("Traceback (most recent call last): ...", {0: bad, 1: bad}))
     rc = main(["pretrain", "--set", f"data.path={world['dataset']}"])
     assert_one_error_block(capsys.readouterr().err, rc, 1,
@@ -238,7 +241,8 @@ def test_a_remote_storage_failure_is_reported_without_the_remote_traceback(world
     wrapped = RayTaskError("upload", "Traceback (most recent call last):\n  File 'x.py'", cause).as_instanceof_cause()
     _fail_pretrain_with(monkeypatch, wrapped)
     rc = main(["pretrain", "--set", f"data.path={world['dataset']}"])
-    assert_one_error_block(capsys.readouterr().err, rc, 1, ["checkpoint_00000020_ab12cd/model.safetensors: cannot write"])
+    assert_one_error_block(capsys.readouterr().err, rc, 1,
+                           ["checkpoint_00000020_ab12cd/model.safetensors: cannot write"])
 
 
 def test_a_bug_inside_a_train_worker_keeps_its_traceback(world, monkeypatch):
