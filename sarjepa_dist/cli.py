@@ -1,4 +1,19 @@
-"""``sarjepa`` command line: parse, load config, call one runner. No logic lives here."""
+"""``sarjepa`` command line: parse, load config, call one runner, report its failure clearly.
+
+Errors. Every expected failure ends in one ``sarjepa: error: <message>`` block on stderr, the
+message naming the offending file, key or URI, and a non-zero exit status:
+
+* 2: the command line, a config value or a job spec is wrong (``errors.UsageError``; argparse's
+  own usage errors exit 2 as well);
+* 1: anything else a user can act on: a missing input, dataset or checkpoint, bad data over
+  budget, storage unreachable or refused (``errors.SarjepaError``, and any ``OSError``), a job the
+  cluster refused; also when such a failure reaches the driver inside Ray's wrappers (a train
+  worker's or a remote task's error);
+* 130: interrupted (Ctrl-C).
+
+The traceback of an expected failure is printed only with ``-v``/``--verbose``. Any other
+exception is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +22,15 @@ import json
 import logging
 import os
 import sys
+import traceback
 from typing import Sequence
 
-from sarjepa_dist.config import ConfigError, load_config
+from sarjepa_dist import storage
+from sarjepa_dist.config import load_config
+from sarjepa_dist.errors import SarjepaError
+
+EXIT_FAILURE = 1
+EXIT_INTERRUPTED = 130
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -18,14 +39,28 @@ def _config_args(p: argparse.ArgumentParser) -> None:
                    help="override one config value (YAML syntax), e.g. --set train.steps=200")
 
 
+_VERBOSE_HELP = "debug logging, and the traceback of an error"
+
+
+def _verbose_parent() -> argparse.ArgumentParser:
+    """``-v`` accepted after the subcommand too; SUPPRESS keeps a top-level ``-v`` from being reset."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=_VERBOSE_HELP)
+    return parent
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sarjepa", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser = argparse.ArgumentParser(
+        prog="sarjepa", description=__doc__.splitlines()[0],
+        epilog="Errors end in one 'sarjepa: error: ...' message; exit status 2 for a wrong command line, "
+               "config or job spec, 1 for any other failure (missing input, bad data, storage, refused job).")
+    parser.add_argument("-v", "--verbose", action="store_true", help=_VERBOSE_HELP)
+    verbose = _verbose_parent()
     sub = parser.add_subparsers(dest="command", required=True)
 
-    ingest = sub.add_parser("ingest", help="turn images, arrays or scenes into chip shards")
+    ingest = sub.add_parser("ingest", parents=[verbose], help="turn images, arrays or scenes into chip shards")
     isub = ingest.add_subparsers(dest="ingest_kind", required=True)
-    common = argparse.ArgumentParser(add_help=False)
+    common = argparse.ArgumentParser(add_help=False, parents=[verbose])
     common.add_argument("--max-bad-fraction", type=float, default=0.01,
                         help="fail when more than this fraction of chips is bad (default 0.01)")
     common.add_argument("--shard-mib", type=float, default=128.0, help="target Parquet shard size (MiB)")
@@ -40,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=None)
     p.add_argument("--chips-key", default="chips")
     p.add_argument("--labels-key", default="labels")
-    p = isub.add_parser("scene", help="tile a large scene (GeoTIFF/TIFF/.npy, magnitude or complex)")
+    p = isub.add_parser("scene", parents=[verbose],
+                        help="tile a large scene (GeoTIFF/TIFF/.npy, magnitude or complex)")
     p.add_argument("src")
     p.add_argument("dest")
     p.add_argument("--tile", type=int, required=True)
@@ -49,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nodata-value", type=float, default=0.0)
     p.add_argument("--shard-mib", type=float, default=128.0)
 
-    p = sub.add_parser("synth", help="physics-based synthetic SAR chips as shards")
+    p = sub.add_parser("synth", parents=[verbose], help="physics-based synthetic SAR chips as shards")
     p.add_argument("dest")
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--per-class", type=int, default=100)
@@ -58,27 +94,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--looks", type=int, default=1)
     p.add_argument("--shard-mib", type=float, default=128.0)
 
-    p = sub.add_parser("inspect", help="describe a dataset, checkpoint, export or few-shot report")
+    p = sub.add_parser("inspect", parents=[verbose], help="describe a dataset, checkpoint, export or few-shot report")
     p.add_argument("artefact")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
 
-    p = sub.add_parser("pretrain", help="JEPA pretraining with Ray Train")
+    p = sub.add_parser("pretrain", parents=[verbose], help="JEPA pretraining with Ray Train")
     _config_args(p)
-    p = sub.add_parser("export", help="export a checkpoint's EMA encoder (safetensors + JSON)")
-    p.add_argument("checkpoint")
+    p = sub.add_parser("export", parents=[verbose], help="export a checkpoint's EMA encoder (safetensors + JSON)")
+    p.add_argument("checkpoint", help="a checkpoint folder, or a run folder (<train.storage_path>/<train.name>): "
+                                      "its latest checkpoint")
     p.add_argument("out")
-    p = sub.add_parser("sweep", help="Ray Tune sweep over masking / EMA settings")
+    p = sub.add_parser("sweep", parents=[verbose], help="Ray Tune sweep over masking / EMA settings")
     _config_args(p)
-    p = sub.add_parser("fewshot", help="few-shot evaluation of encoders")
+    p = sub.add_parser("fewshot", parents=[verbose], help="few-shot evaluation of encoders")
     _config_args(p)
     address_help = "the Ray job server (dashboard) URL; default: the spec's address, RAY_ADDRESS, http://127.0.0.1:8265"
-    p = sub.add_parser("submit", help="submit a job spec (jobs/*.job.yaml) to a Ray cluster as a Ray Job")
+    p = sub.add_parser("submit", parents=[verbose], help="submit a job spec (jobs/*.job.yaml) to a Ray cluster as a Ray Job")
     p.add_argument("spec", help="job spec YAML with 'name', 'command' and 'config' (see jobs/pretrain.job.yaml)")
     p.add_argument("--address", default=None, help=address_help)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="add an override to the spec's 'set' list")
     p.add_argument("--wait", action="store_true", help="stream the job's logs and exit with its status")
-    p = sub.add_parser("jobs", help="list, inspect, follow or stop Ray Jobs on a cluster")
+    p = sub.add_parser("jobs", parents=[verbose], help="list, inspect, follow or stop Ray Jobs on a cluster")
     jsub = p.add_subparsers(dest="jobs_action", required=True)
     jp = jsub.add_parser("list", help="every job on the cluster")
     jp.add_argument("--address", default=None, help=address_help)
@@ -88,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
         jp.add_argument("--address", default=None, help=address_help)
         if action == "logs":
             jp.add_argument("--follow", "-f", action="store_true", help="stream until the job ends; exit with its status")
-    p = sub.add_parser("demo", help="the whole path on built-in data: synth → pretrain → sweep → few-shot")
+    p = sub.add_parser("demo", parents=[verbose],
+                       help="the whole path on built-in data: synth → pretrain → sweep → few-shot")
     p.add_argument("--out", default="demo_out", help="where data, runs and reports go")
     p.add_argument("--quick", action="store_true", help="smallest settings (smoke test)")
     return parser
@@ -98,15 +136,49 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if not sys.stderr.isatty():
+        # Ray Data redraws its progress bars with cursor-control sequences and Ray colours every
+        # worker's log prefix: noise in a log file. Read by Ray after this point (no command has
+        # imported Ray yet); a value the user set wins.
+        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     command_line = ["sarjepa", *(sys.argv[1:] if argv is None else list(argv))]
     try:
         return _dispatch(args, command_line)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        print("sarjepa: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        failure = expected_failure(exc)
+        if failure is None:
+            raise
+        if args.verbose:
+            traceback.print_exception(exc, file=sys.stderr)
+        print(f"sarjepa: error: {storage.redact(str(failure)) or type(failure).__name__}", file=sys.stderr)
+        return failure.exit_code if isinstance(failure, SarjepaError) else EXIT_FAILURE
+
+
+def expected_failure(exc: BaseException) -> BaseException | None:
+    """The failure a user can act on behind ``exc``, or None when ``exc`` is a bug.
+
+    That is ``exc`` itself when it is a ``SarjepaError`` or an ``OSError`` (files, storage, network),
+    else the first such failure inside Ray's wrappers: a remote task's ``cause``, Ray Train's
+    ``worker_failures`` (rank -> exception) or ``controller_failure``. A wrapper's own text holds
+    the remote traceback, so the wrapped failure is what gets reported.
+    """
+    pending, seen = [exc], set()
+    while pending:
+        current = pending.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        inner = [getattr(current, "cause", None), getattr(current, "controller_failure", None),
+                 *(getattr(current, "worker_failures", None) or {}).values()]
+        inner = [e for e in inner if isinstance(e, BaseException)]
+        if not inner and isinstance(current, (SarjepaError, OSError)):
+            return current
+        pending.extend(inner)
+    return None
 
 
 def _dispatch(args: argparse.Namespace, command_line: list[str]) -> int:
@@ -144,10 +216,15 @@ def _dispatch(args: argparse.Namespace, command_line: list[str]) -> int:
         print(json.dumps(info, indent=2, default=str) if args.json else format_description(info))
         return 0
     if cmd == "export":
-        from sarjepa_dist.train.export import export_checkpoint
+        from sarjepa_dist.train.export import export_checkpoint, find_checkpoint
 
-        out = export_checkpoint(args.checkpoint, args.out)
-        print(f"exported EMA encoder to {out}")
+        choice = find_checkpoint(args.checkpoint)
+        if choice.run_uri is not None:
+            print(f"{storage.redact(choice.run_uri)} is a run folder: exporting its latest checkpoint "
+                  f"{storage.redact(choice.uri)} (step {choice.step}, the latest of "
+                  f"{choice.complete_checkpoints} complete checkpoint(s))")
+        out = export_checkpoint(choice.uri, args.out)
+        print(f"exported EMA encoder of {storage.redact(choice.uri)} to {storage.redact(out)}")
         return 0
     if cmd == "submit":
         from sarjepa_dist.jobs import submit_job_spec

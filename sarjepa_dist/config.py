@@ -16,8 +16,10 @@ from typing import Any, Iterable
 
 import yaml
 
+from sarjepa_dist.errors import UsageError
 
-class ConfigError(ValueError):
+
+class ConfigError(UsageError, ValueError):
     """A configuration value is missing, unknown or out of range; the message says how to fix it."""
 
 

@@ -25,6 +25,7 @@ from typing import Any, Iterator
 from urllib.parse import urlparse
 
 from sarjepa_dist.config import Config, ConfigError, load_config, yaml_load
+from sarjepa_dist.errors import JobRefusedError
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,8 @@ TOKEN_HELP = ("give this shell the cluster's token: RAY_AUTH_TOKEN, RAY_AUTH_TOK
               "(docs/DEPLOY.md, 'The cluster token')")
 
 
-class JobError(ConfigError):
-    """A job could not be submitted, found or followed; the message says what to do (no traceback)."""
+class JobError(JobRefusedError):
+    """A job could not be submitted, found or followed; the message says what to do (exit 1, no traceback)."""
 
 
 @dataclass

@@ -11,10 +11,11 @@ import os
 from typing import Any
 
 from sarjepa_dist import storage
+from sarjepa_dist.errors import InputNotFoundError, SarjepaError
 
 
-class UnknownArtefact(ValueError):
-    pass
+class UnknownArtefact(SarjepaError, ValueError):
+    """The path exists but is none of the artefacts ``describe`` knows."""
 
 
 def _read_json(uri: str) -> dict[str, Any]:
@@ -31,7 +32,7 @@ def _find(artefact: str, name: str) -> str | None:
 
 def describe(artefact: str) -> dict[str, Any]:
     if not storage.exists(artefact):
-        raise UnknownArtefact(f"{artefact}: no such file or folder")
+        raise InputNotFoundError(f"{storage.redact(artefact)}: no such file or folder")
     if artefact.endswith(".safetensors"):
         sidecar = storage.join(os.path.dirname(artefact), "encoder.json")
         if storage.exists(sidecar):

@@ -21,10 +21,12 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
+from sarjepa_dist.errors import SarjepaError
+
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
 
 
-class StorageError(OSError):
+class StorageError(SarjepaError, OSError):
     """A storage location cannot be read or written; the message names the URI."""
 
 
@@ -118,14 +120,22 @@ def to_uri(fs: pafs.FileSystem, path: str) -> str:
     return f"s3://{path}" if isinstance(fs, pafs.S3FileSystem) else path
 
 
+def _file_info(fs: pafs.FileSystem, what: str | pafs.FileSelector, uri: str):
+    """``fs.get_file_info(what)``; a store that cannot be reached or refuses access names ``uri``."""
+    try:
+        return fs.get_file_info(what)
+    except OSError as exc:
+        raise StorageError(f"{redact(str(uri))}: cannot read: {redact(str(exc))}") from exc
+
+
 def exists(uri: str) -> bool:
     fs, path = resolve(uri)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
+    return _file_info(fs, path, uri).type != pafs.FileType.NotFound
 
 
 def is_dir(uri: str) -> bool:
     fs, path = resolve(uri)
-    return fs.get_file_info(path).type == pafs.FileType.Directory
+    return _file_info(fs, path, uri).type == pafs.FileType.Directory
 
 
 def read_bytes(uri: str) -> bytes:
@@ -186,19 +196,19 @@ def makedirs(uri: str) -> None:
 def list_files(uri: str, recursive: bool = False) -> list[str]:
     """URIs of the files under ``uri`` (empty when it does not exist)."""
     fs, path = resolve(uri)
-    info = fs.get_file_info(path)
+    info = _file_info(fs, path, uri)
     if info.type == pafs.FileType.NotFound:
         return []
     if info.type == pafs.FileType.File:
         return [to_uri(fs, path)]
     selector = pafs.FileSelector(path, recursive=recursive, allow_not_found=True)
-    return sorted(to_uri(fs, i.path) for i in fs.get_file_info(selector) if i.type == pafs.FileType.File)
+    return sorted(to_uri(fs, i.path) for i in _file_info(fs, selector, uri) if i.type == pafs.FileType.File)
 
 
 def list_dirs(uri: str) -> list[str]:
     fs, path = resolve(uri)
     selector = pafs.FileSelector(path, recursive=False, allow_not_found=True)
-    return sorted(to_uri(fs, i.path) for i in fs.get_file_info(selector) if i.type == pafs.FileType.Directory)
+    return sorted(to_uri(fs, i.path) for i in _file_info(fs, selector, uri) if i.type == pafs.FileType.Directory)
 
 
 def delete_dir(uri: str) -> None:

@@ -22,6 +22,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from sarjepa_dist import storage
 from sarjepa_dist.cluster import ray_session
 from sarjepa_dist.config import Config, ConfigError, config_from_dict, dotted_tree, merge_tree
+from sarjepa_dist.data.shards import read_manifest
 from sarjepa_dist.fewshot.runner import quick_score
 from sarjepa_dist.train.runner import run_pretrain
 
@@ -92,6 +93,12 @@ def run_sweep(cfg: Config) -> SweepResult:
     if not cfg.fewshot.data:
         raise ConfigError("fewshot.data is empty: a sweep ranks trials by few-shot accuracy on a labelled "
                           "dataset; set fewshot.data (it may be the pretraining data when it is labelled)")
+    if not cfg.data.path:
+        raise ConfigError("data.path is empty: give the shard dataset the trials pretrain on (local path or s3://)")
+    # Both datasets are read before Ray starts: a wrong path fails now, not once in every trial.
+    storage.configure(cfg.storage.endpoint_url, cfg.storage.region)
+    read_manifest(cfg.data.path)
+    read_manifest(cfg.fewshot.data)
     base_tree = cfg.to_dict()
     with ray_session(cfg.ray, cfg.storage):
         rows = [_trial_row(res) for res in _tuner(cfg, points, base_tree).fit()]

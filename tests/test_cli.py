@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 
 import numpy as np
 import pytest
@@ -16,7 +18,9 @@ def test_synth_then_inspect(tmp_path, capsys):
     assert "12 synthetic chips" in capsys.readouterr().out
     assert main(["inspect", str(ds)]) == 0
     text = capsys.readouterr().out
-    assert "class_00" in text and "12" in text
+    # whole lines, so nothing can match inside the (digit-laden) temporary path
+    assert re.search(r"^  chips +12 × 1x32x32 float32 ", text, re.M), text
+    assert re.search(r"^ +0: class_00 +4 / 4$", text, re.M) and re.search(r"^ +2: class_02 +4 / 4$", text, re.M), text
     assert main(["inspect", str(ds), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["kind"] == "dataset" and info["counts"]["total"] == 12
@@ -65,7 +69,87 @@ def test_export_and_inspect_lineage(tmp_path, capsys):
     with torch.no_grad():
         assert torch.allclose(vit(x), model.target_encoder.forward_features_pooled(x), atol=1e-6)
     assert main(["inspect", str(ckpt)]) == 0
-    text = capsys.readouterr().out
-    assert "checkpoint" in text and "abc123" in text and "cli-test" in text
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"checkpoint: {ckpt}"
+    assert {"  run_name: cli-test", "  step: 7", "  dataset_id: abc123"} <= set(lines), lines
     assert main(["inspect", str(tmp_path / "enc")]) == 0
-    assert "export" in capsys.readouterr().out
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"export: {tmp_path / 'enc'}"
+    assert {"  lineage.run_name: cli-test", "  lineage.step: 7", f"  lineage.checkpoint: {ckpt}"} <= set(lines), lines
+
+
+def _tiny_method():
+    from sarjepa_dist.config import config_from_dict
+    from sarjepa_dist.engine import build_method
+
+    cfg = config_from_dict({"data": {"img_size": 32}, "model": {"depth": 2, "predictor_dim": 32,
+                                                                "predictor_depth": 1, "predictor_heads": 2}})
+    model, _ = build_method(cfg)
+    return cfg, model
+
+
+def test_export_of_a_run_folder_takes_its_latest_checkpoint(tmp_path, capsys):
+    """By step, not by name: unpadded names sort 'checkpoint_9' after 'checkpoint_10'; Ray's own
+    checkpoint_manager_snapshot.json and an incomplete folder with a higher step are not checkpoints."""
+    import torch
+
+    from sarjepa_dist.model.io import MODEL_FILE, load_timm_from_export, save_checkpoint_dir
+
+    torch.manual_seed(0)
+    cfg, model = _tiny_method()
+    run = tmp_path / "run"
+    expected = None
+    for step in (10, 9):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.5)  # each checkpoint holds different weights
+        save_checkpoint_dir(run / f"checkpoint_{step}_abcdef", model, None, {"step": step}, cfg.to_dict(),
+                            {"run_name": "runs-latest", "step": step})
+        if step == 10:
+            x = torch.rand(2, 1, 32, 32)
+            with torch.no_grad():
+                expected = model.target_encoder.forward_features_pooled(x)
+    incomplete = run / "checkpoint_00000011_0f0f0f"
+    incomplete.mkdir()
+    (incomplete / MODEL_FILE).write_bytes(b"half an upload")
+    (run / "checkpoint_manager_snapshot.json").write_text("{}")
+
+    assert main(["export", str(run), str(tmp_path / "enc")]) == 0
+    out = capsys.readouterr().out
+    chosen = run / "checkpoint_10_abcdef"
+    assert f"exporting its latest checkpoint {chosen} (step 10, the latest of 2 complete checkpoint(s))" in out
+    info = json.loads((tmp_path / "enc" / "encoder.json").read_text())
+    assert info["lineage"]["step"] == 10 and info["lineage"]["checkpoint"] == str(chosen)
+    with torch.no_grad():
+        assert torch.allclose(load_timm_from_export(str(tmp_path / "enc"))(x), expected, atol=1e-6)
+
+
+def test_export_of_a_run_folder_on_s3(s3_bucket, tmp_path, capsys):
+    import torch
+
+    from sarjepa_dist.model.io import save_checkpoint_dir
+    from sarjepa_dist.storage import upload_dir
+
+    torch.manual_seed(0)
+    cfg, model = _tiny_method()
+    run = f"{s3_bucket}/runs/r1"
+    for step in (200, 1000):
+        local = tmp_path / f"checkpoint_{step:08d}_abcdef"
+        save_checkpoint_dir(local, model, None, {"step": step}, cfg.to_dict(), {"run_name": "r1", "step": step})
+        upload_dir(local, f"{run}/{local.name}")
+    assert main(["export", run, str(tmp_path / "enc")]) == 0
+    assert f"{run}/checkpoint_00001000_abcdef (step 1000, the latest of 2" in capsys.readouterr().out
+    assert json.loads((tmp_path / "enc" / "encoder.json").read_text())["lineage"]["step"] == 1000
+
+
+def test_output_to_a_file_gets_no_control_sequences(tmp_path, monkeypatch, capsys):
+    """Under capsys stderr is not a terminal: Ray Data's progress bars and Ray's coloured log prefixes
+    go off, unless the user chose otherwise."""
+    for name in ("RAY_DATA_DISABLE_PROGRESS_BARS", "RAY_COLOR_PREFIX"):
+        monkeypatch.setenv(name, "placeholder")  # restored (removed) after the test
+        monkeypatch.delenv(name)
+    assert main(["synth", str(tmp_path / "ds1"), "--classes", "2", "--per-class", "2", "--size", "16"]) == 0
+    assert (os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"], os.environ["RAY_COLOR_PREFIX"]) == ("1", "0")
+    monkeypatch.setenv("RAY_COLOR_PREFIX", "1")
+    assert main(["synth", str(tmp_path / "ds2"), "--classes", "2", "--per-class", "2", "--size", "16"]) == 0
+    assert os.environ["RAY_COLOR_PREFIX"] == "1"

@@ -31,6 +31,8 @@ import warnings
 from types import ModuleType
 from typing import Any
 
+from sarjepa_dist.errors import SarjepaError
+
 NAMESPACE = "sarjepa"
 _ACTOR_PREFIX = "sarjepa-badrows-"
 MAX_EXAMPLES = 100  # bad-row examples kept by the actor (the counts are always complete)
@@ -38,7 +40,7 @@ MAX_EXAMPLES = 100  # bad-row examples kept by the actor (the counts are always 
 logger = logging.getLogger(__name__)
 
 
-class BadDataError(RuntimeError):
+class BadDataError(SarjepaError, RuntimeError):
     """Too many bad rows: more than ``max_bad_fraction`` of the rows seen. Carries the counts."""
 
     def __init__(self, counts: dict[str, int], seen: int, max_bad_fraction: float,
@@ -56,6 +58,10 @@ class BadDataError(RuntimeError):
             + ". Fix or re-ingest the dataset ('sarjepa inspect' lists bad rows), or raise "
               "data.max_bad_fraction if these rows may be skipped."
         )
+
+    def __reduce__(self):
+        # raised in train workers: Ray pickles it back to the driver, which must rebuild it
+        return type(self), (self.counts, self.seen, self.max_bad_fraction, self.examples)
 
 
 class BadRowWarning(UserWarning):

@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sarjepa_dist import storage
+from sarjepa_dist.errors import SarjepaError
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -51,7 +52,7 @@ CHIP_SCHEMA = pa.schema([
 METADATA_COLUMNS = ("depression_deg", "azimuth_deg", "sensor", "source_path")
 
 
-class ShardError(ValueError):
+class ShardError(SarjepaError, ValueError):
     """A dataset or row is malformed; the message names the file and row."""
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from sarjepa_dist.config import DataConfig, GradientConfig, to_plain
+from sarjepa_dist.errors import SarjepaError
 from sarjepa_dist.model.encoder import MaskedViT
 from sarjepa_dist.model.pooling import pool_tokens
 from sarjepa_dist.transforms import center_resize, prepare_inputs
@@ -24,7 +25,7 @@ from sarjepa_dist.transforms import center_resize, prepare_inputs
 GRADIENT_MAP_GRID = 8
 
 
-class FeatureError(RuntimeError):
+class FeatureError(SarjepaError, RuntimeError):
     """Features cannot be computed as configured; the message names the encoder and the cause."""
 
 

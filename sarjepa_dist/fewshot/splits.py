@@ -21,13 +21,14 @@ from typing import Any, Sequence
 import numpy as np
 
 from sarjepa_dist.data import shards
+from sarjepa_dist.errors import SarjepaError
 
 log = logging.getLogger(__name__)
 
 SPLITTABLE_COLUMNS = ("label", "class_name", *shards.METADATA_COLUMNS)
 
 
-class SplitError(ValueError):
+class SplitError(SarjepaError, ValueError):
     """A split or support set cannot be made as configured; the message says why and what to change."""
 
 

@@ -45,7 +45,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from sarjepa_dist import storage
-from sarjepa_dist.config import Config
+from sarjepa_dist.config import Config, ConfigError
 from sarjepa_dist.cluster import ray_init, worker_env
 from sarjepa_dist.data.pipeline import build_dataset
 from sarjepa_dist.data.shards import read_manifest
@@ -87,11 +87,15 @@ def run_pretrain(cfg: Config, *, callbacks: Sequence[Any] | None = None,
     ``step_hooks``: callables each worker runs after every step (see ``loop.StepHook``); they
     travel to the workers pickled, so they must be picklable.
     """
+    if not cfg.data.path:
+        raise ConfigError("data.path is empty: give the shard dataset to pretrain on (local path or s3://)")
+    # The manifests are read before Ray starts, so a wrong path fails in a second, not after start-up.
+    storage.configure(cfg.storage.endpoint_url, cfg.storage.region)
+    manifest = read_manifest(cfg.data.path)
     if cfg.probe.every > 0:
         check_probe_data(cfg)
         step_hooks = [OnlineProbe(cfg), *step_hooks]
     ray_init(cfg.ray, cfg.storage)
-    manifest = read_manifest(cfg.data.path)
     need = required_inputs(cfg.model)
     tracker_name = cfg.train.name
     dataset = build_dataset(cfg.data, cfg.gradient, need=need, training=True, epoch=0, run_name=tracker_name,

@@ -19,6 +19,7 @@ import numpy as np
 
 from sarjepa_dist import storage
 from sarjepa_dist.data.shards import BadChip, ChipRecord, Manifest, ShardWriter, check_chip
+from sarjepa_dist.errors import SarjepaError
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ R = TypeVar("R")
 
 
 
-class IngestError(ValueError):
+class IngestError(SarjepaError, ValueError):
     """The ingest was refused (too many bad chips, no usable input); nothing was committed."""
 
 
