@@ -95,8 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-mib", type=float, default=128.0)
 
     p = sub.add_parser("inspect", parents=[verbose], help="describe a dataset, checkpoint, export or few-shot report")
-    p.add_argument("artefact")
+    p.add_argument("artefact", help="a dataset, run folder, checkpoint, export, few-shot report or sweep")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--plot", default=None, metavar="PNG",
+                   help="where a run's or checkpoint's learning-curve plot goes (default: ./<run>-curves.png)")
 
     p = sub.add_parser("pretrain", parents=[verbose], help="JEPA pretraining with Ray Train")
     _config_args(p)
@@ -214,6 +216,14 @@ def _dispatch(args: argparse.Namespace, command_line: list[str]) -> int:
 
         info = describe(args.artefact)
         print(json.dumps(info, indent=2, default=str) if args.json else format_description(info))
+        if info.get("history"):
+            from sarjepa_dist.train.history import plot_curve
+
+            name = info.get("run_name") or "run"
+            dest = args.plot or f"{name}-curves.png"
+            plot_curve(info["history"], dest, title=f"{name} ({storage.redact(info['uri'])})")
+            print(f"wrote the learning curves (probe accuracy, loss, effective ranks) to {storage.redact(dest)}",
+                  file=sys.stderr if args.json else sys.stdout)
         return 0
     if cmd == "export":
         from sarjepa_dist.train.export import export_checkpoint, find_checkpoint

@@ -12,6 +12,8 @@ from typing import Any
 
 from sarjepa_dist import storage
 from sarjepa_dist.errors import InputNotFoundError, SarjepaError
+from sarjepa_dist.train.export import find_checkpoint
+from sarjepa_dist.train.history import format_curve, read_history
 
 
 class UnknownArtefact(SarjepaError, ValueError):
@@ -47,6 +49,7 @@ def describe(artefact: str) -> dict[str, Any]:
         state = _find(artefact, "state.json")
         if state:
             info["state"] = _read_json(state)
+        info["history"] = read_history(os.path.dirname(m))
         return info
     if (m := _find(artefact, "encoder.json")) is not None:
         return {"kind": "export", "uri": artefact, **_read_json(m)}
@@ -55,8 +58,18 @@ def describe(artefact: str) -> dict[str, Any]:
         return {"kind": "fewshot-report", "uri": artefact, **{k: v for k, v in res.items() if k != "runs"}}
     if (m := _find(artefact, "sweep.json")) is not None:
         return {"kind": "sweep", "uri": artefact, **_read_json(m)}
-    raise UnknownArtefact(f"{artefact}: not a dataset (manifest.json), checkpoint (meta.json), export "
-                          f"(encoder.json), few-shot report (results.json) or sweep (sweep.json)")
+    if storage.is_dir(artefact):
+        try:
+            choice = find_checkpoint(artefact)
+        except InputNotFoundError:
+            choice = None
+        if choice is not None:  # a run folder: describe it by its latest checkpoint
+            return {"kind": "run", "uri": artefact, "latest_checkpoint": choice.uri,
+                    "complete_checkpoints": choice.complete_checkpoints,
+                    **_read_json(storage.join(choice.uri, "meta.json")), "history": read_history(choice.uri)}
+    raise UnknownArtefact(f"{artefact}: not a dataset (manifest.json), checkpoint (meta.json), run folder "
+                          f"(checkpoint_<step>_<id>/), export (encoder.json), few-shot report (results.json) "
+                          f"or sweep (sweep.json)")
 
 
 def format_description(info: dict[str, Any]) -> str:
@@ -75,9 +88,13 @@ def format_description(info: dict[str, Any]) -> str:
         for k, v in lineage.items():
             if k != "config":
                 lines.append(f"  lineage.{k}: {v}")
+    history = info.get("history")
     rest = {k: v for k, v in info.items() if k not in ("kind", "uri", "config", "lineage") and not isinstance(v, (dict, list))}
     shown = {line.split(":")[0].strip() for line in lines[1:]}
     for k, v in rest.items():
         if k not in shown:
             lines.append(f"  {k}: {v}")
+    if history:
+        lines.append(f"learning curve ({len(history)} reports):")
+        lines.extend("  " + row for row in format_curve(history, every=max(1, len(history) // 20)).splitlines())
     return "\n".join(lines)

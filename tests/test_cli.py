@@ -153,3 +153,32 @@ def test_output_to_a_file_gets_no_control_sequences(tmp_path, monkeypatch, capsy
     monkeypatch.setenv("RAY_COLOR_PREFIX", "1")
     assert main(["synth", str(tmp_path / "ds2"), "--classes", "2", "--per-class", "2", "--size", "16"]) == 0
     assert os.environ["RAY_COLOR_PREFIX"] == "1"
+
+
+def test_inspect_of_a_run_folder_prints_and_plots_its_learning_curve(tmp_path, capsys):
+    from sarjepa_dist.model.io import save_checkpoint_dir
+
+    cfg, model = _tiny_method()
+    run = tmp_path / "run"
+    history = [{"step": s, "loss": 1.0 / s, "eff_rank_target": 10.0 + s} for s in (10, 20, 30, 40)]
+    for row, knn in ((history[1], 0.312), (history[3], 0.4567)):
+        row.update(probe_knn=knn, probe_eff_rank=20.0, probe_step=row["step"])
+    for step in (20, 40):
+        folder = run / f"checkpoint_{step:08d}_abcdef"
+        save_checkpoint_dir(folder, model, None, {"step": step}, cfg.to_dict(), {"run_name": "curvy", "step": step})
+        (folder / "metrics_history.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in history if r["step"] <= step))
+    png = tmp_path / "curve.png"
+    assert main(["inspect", str(run), "--plot", str(png)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"run: {run}"
+    assert f"  latest_checkpoint: {run / 'checkpoint_00000040_abcdef'}" in lines
+    assert "learning curve (4 reports):" in lines
+    header = lines[lines.index("learning curve (4 reports):") + 1].split()
+    assert header == ["step", "loss", "probe_knn", "probe_eff_rank", "eff_rank_target"]
+    assert lines[-2].split()[:3] == ["40", "0.025", "0.4567"]
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    # a checkpoint folder shows the curve up to its own step
+    assert main(["inspect", str(run / "checkpoint_00000020_abcdef"), "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "learning curve (2 reports):" in out and "0.312" in out and "0.4567" not in out

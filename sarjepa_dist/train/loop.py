@@ -36,6 +36,7 @@ from sarjepa_dist.masks import MaskBatch, mask_generator
 from sarjepa_dist.model.collapse import collapse_stats
 from sarjepa_dist.model.io import load_checkpoint_dir, save_checkpoint_dir
 from sarjepa_dist.optim import Schedules, build_optimizer
+from sarjepa_dist.train.history import HISTORY_FILE
 from sarjepa_dist.train.batches import epoch_shard, iter_train_batches
 from sarjepa_dist.train.metrics import IntervalMeter, TensorBoardLogger, format_progress
 
@@ -46,7 +47,6 @@ _log = logging.getLogger(__name__)
 # root logger, so a print shows up twice in the driver's console.
 _progress = logging.getLogger("sarjepa_dist.train.progress")
 
-HISTORY_FILE = "metrics_history.jsonl"
 COLLAPSE_SUBSAMPLE = 16  # chips of the current batch used for the collapse figures
 
 
