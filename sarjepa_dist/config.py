@@ -204,10 +204,9 @@ class MaskConfig:
     shared_sizes: bool = True
 
     def validate(self, p: str = "mask") -> None:
-        check_range(f"{p}.num_context_blocks", self.num_context_blocks, 1, 16)
-        check_pair(f"{p}.context_scale", self.context_scale, 0.0, 1.0)
-        check_range(f"{p}.num_target_blocks", self.num_target_blocks, 1, 16)
-        check_pair(f"{p}.target_scale", self.target_scale, 0.0, 1.0)
+        for blocks in ("context", "target"):
+            check_range(f"{p}.num_{blocks}_blocks", getattr(self, f"num_{blocks}_blocks"), 1, 16)
+            check_pair(f"{p}.{blocks}_scale", getattr(self, f"{blocks}_scale"), 0.0, 1.0)
         check_pair(f"{p}.target_aspect", self.target_aspect, 0.1, 10.0)
         check_range(f"{p}.min_keep", self.min_keep, 1)
 

@@ -251,7 +251,7 @@ def build_dataset(data_cfg: DataConfig, gradient_cfg: GradientConfig, *, need: S
     ``manifest`` when you already read the dataset's manifest (else it is read here).
     The transforms are tried on one synthetic chip here, so a bad configuration fails now.
     """
-    import ray.data
+    import ray.data  # here, not at the top: importing the data layer must not import Ray
     from ray.data import FileShuffleConfig
 
     need = _check_need(need)
