@@ -22,6 +22,7 @@ from sarjepa_dist.data.synth import SynthConfig, write_synthetic_dataset
 from sarjepa_dist.fewshot.runner import run_fewshot
 from sarjepa_dist.local_s3 import create_bucket, local_s3_endpoint
 from sarjepa_dist.train.export import export_checkpoint
+from sarjepa_dist.train.history import plot_curve
 from sarjepa_dist.train.runner import run_pretrain
 from sarjepa_dist.tune import run_sweep
 
@@ -46,6 +47,8 @@ def demo_config(data_uri: str, runs_uri: str, report_dir: str, quick: bool) -> C
         "train": {"name": "demo-pretrain", "storage_path": runs_uri, "steps": steps,
                   "checkpoint_every": max(steps // 2, 10), "log_every": max(steps // 10, 5),
                   "num_workers": 1, "cpus_per_worker": 1},
+        # the online few-shot probe every fifth of the run: the learning curve in demo_out/curves.png
+        "probe": {"every": max(steps // 5, 10), "shots": 5, "episodes": 3, "max_per_class": 40},
         "tune": {"name": "demo-sweep", "storage_path": runs_uri,
                  "grid": {"mask.target_scale": [[0.1, 0.15], [0.15, 0.25]]}},
         "fewshot": {"data": data_uri, "split_column": "depression_deg", "train_values": [17.0],
@@ -111,8 +114,10 @@ def _pretrain(cfg: Config, out_dir: Path) -> dict[str, Any]:
           f"{cfg.model.context_domain}) → {cfg.train.storage_path}", flush=True)
     result = run_pretrain(cfg)
     checkpoint = result.latest_checkpoint_uri
+    curves = str(out_dir / "curves.png")
+    plot_curve(result.metrics_history, curves, title=f"demo pretraining ({cfg.train.steps} steps)")
     # the S3 endpoint is in-memory: keep the encoder as a local export
-    return {"checkpoint": checkpoint, "step": result.final_step,
+    return {"checkpoint": checkpoint, "step": result.final_step, "curves": curves,
             "export": export_checkpoint(checkpoint, str(out_dir / "encoder"))}
 
 
