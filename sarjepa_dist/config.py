@@ -371,7 +371,9 @@ class FewshotConfig:
     seeds: int = 5
     methods: list[str] = field(default_factory=lambda: ["linear", "knn", "prototype"])
     feature_domain: str = "context"  # FEATURE_DOMAINS: which domain feeds the EMA encoder
-    pooling: str = "mean"  # FEATURE_POOLINGS: how patch tokens become one feature vector (model/pooling.py)
+    # FEATURE_POOLINGS (model/pooling.py). grid4 keeps the layout the hand-made baselines keep; on MSTAR
+    # 17° validation chips it gives every ViT, random-init included, far higher k-NN accuracy than mean.
+    pooling: str = "grid4"
     linear_epochs: int = 100
     knn_k: int = 1
     batch_size: int = 64

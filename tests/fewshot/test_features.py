@@ -55,7 +55,7 @@ def test_checkpoint_and_its_export_give_the_same_features(checkpoint):
     b = compute_features(chips, from_export.recipe, build_model(from_export.recipe, from_export.state))
     c = compute_features(chips, from_export_file.recipe,
                            build_model(from_export_file.recipe, from_export_file.state))
-    assert a.shape == (6, 192)
+    assert a.shape == (6, 192 * 16)  # grid4 (the default): D features in each of 4x4 cells
     np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(a, c)
     assert from_ckpt.fingerprint == from_export.fingerprint  # same weights, same recipe
@@ -83,11 +83,11 @@ def test_encoder_features_follow_fewshot_pooling(checkpoint, pooling):
         grid = {"grid2": 4, "grid4": 16, "centre": 1}[pooling]
         assert feats.shape == (4, model.embed_dim * grid)
         np.testing.assert_allclose(feats, expected, rtol=1e-5, atol=1e-5)
-    assert encoder_source("random-init", cfg).fingerprint != encoder_source("random-init", tiny_cfg()).fingerprint
+    assert encoder_source("random-init", cfg).fingerprint != encoder_source("random-init", tiny_cfg(pooling="mean")).fingerprint
 
 
 def test_features_come_from_the_ema_encoder(checkpoint):
-    cfg = tiny_cfg()
+    cfg = tiny_cfg(pooling="mean")
     src = encoder_source(checkpoint["ckpt"], cfg)
     chips = blob_chips(np.arange(4) % 3, size=16)
     feats = compute_features(chips, src.recipe, build_model(src.recipe, src.state))
@@ -113,10 +113,10 @@ def test_domains_inputs_and_cache_names_differ(checkpoint):
     grad_cfg = config_from_dict({**TINY, "model": {**TINY["model"], "context_domain": "gradient"},
                                  "fewshot": {"encoders": ["random-init"]}})
     assert encoder_source("random-init", grad_cfg).recipe.input == "gx"
-    # the encoder has no class token to pool: the config offers mean pooling only, and says so
+    # the encoder has no class token to pool: the config offers the token poolings only, and says so
     with pytest.raises(ConfigError, match=r"fewshot\.pooling = 'cls' is not allowed; choose one of \['mean', 'grid2', 'grid4', 'centre'\]"):
         tiny_cfg(pooling="cls")
-    assert ctx.recipe.pooling == "mean" and not ctx.notes
+    assert ctx.recipe.pooling == "grid4" and not ctx.notes  # the default
 
 
 def test_random_init_is_seeded():
