@@ -3,6 +3,7 @@ the text table and the PNG that ``sarjepa inspect RUN`` shows."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from typing import Any, Sequence
@@ -43,9 +44,7 @@ def format_curve(history: Sequence[dict[str, Any]], every: int = 1) -> str:
 
 def plot_curve(history: Sequence[dict[str, Any]], dest: str, title: str = "") -> None:
     """Probe accuracy, loss and effective ranks against step, in one PNG at ``dest`` (local or s3://)."""
-    import io
-
-    import matplotlib
+    import matplotlib  # here, not at the top: choosing the Agg backend must not happen on import
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
