@@ -32,13 +32,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from sarjepa_dist.config import ProbeConfig, config_from_dict, load_config, merge_tree, parse_override
+from sarjepa_dist.config import DataConfig, ProbeConfig, load_config, merge_tree
 from sarjepa_dist.data.shards import load_arrays
 from sarjepa_dist.engine import build_method, train_step
 from sarjepa_dist.fewshot.protocol import EncoderFeatures, run_protocol, summarise
 from sarjepa_dist.masks import mask_generator
 from sarjepa_dist.model.collapse import collapse_stats
-from sarjepa_dist.model.pooling import pool_tokens
 from sarjepa_dist.optim import Schedules, build_optimizer
 from sarjepa_dist.probe import build_probe_set, embed, run_probe
 from sarjepa_dist.transforms import augment_batch, center_resize, prepare_inputs
@@ -73,9 +72,7 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
 
 
 def variant_config(overrides: list[str], steps: int) -> Any:
-    tree = merge_tree(BASE, {"train": {"steps": steps}})
-    cfg = load_config(None, overrides, base=tree)
-    return cfg
+    return load_config(None, overrides, base=merge_tree(BASE, {"train": {"steps": steps}}))
 
 
 def eval_key(cfg: Any) -> str:
@@ -143,7 +140,7 @@ def report_features(encoder: Any, amp_eval: torch.Tensor, cfg: Any, key: str) ->
 
 def baseline_features(amp_eval: torch.Tensor, cfg: Any) -> dict[str, np.ndarray]:
     """raw log-amplitude pixels (flattened) and gradient-by-ratio maps pooled 8×8 (flattened)."""
-    inp = prepare_inputs(amp_eval, cfg.data.__class__(img_size=cfg.data.img_size, conditioning="log"),
+    inp = prepare_inputs(amp_eval, DataConfig(img_size=cfg.data.img_size, conditioning="log"),
                          cfg.gradient, need=("x", "gfeat"))
     return {"raw-pixels": inp["x"].flatten(1).numpy(),
             "gradient-maps": torch.nn.functional.adaptive_avg_pool2d(inp["gfeat"], (8, 8)).flatten(1).numpy()}
