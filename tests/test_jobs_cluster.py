@@ -28,7 +28,9 @@ from sarjepa_dist.local_s3 import free_port
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_SH = REPO / "infra" / "dev" / "cluster.sh"
 TINY_PRETRAIN = ["model.depth=2", "model.predictor_depth=1", "train.steps=2", "train.checkpoint_every=2",
-                 "train.log_every=1", "data.batch_size=8", "data.shuffle_buffer=16"]
+                 "train.log_every=1", "data.batch_size=8", "data.shuffle_buffer=16",
+                 # the job config's online probe, sized for 12 chips per class
+                 "probe.shots=4", "probe.episodes=2"]
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.s3]
 

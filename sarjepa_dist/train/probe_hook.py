@@ -30,6 +30,15 @@ def check_probe_data(cfg: Config) -> None:
         raise ConfigError(f"probe.data: the dataset {storage.redact(uri)} has {len(manifest.class_names)} "
                           f"labelled class(es); the online probe needs a labelled dataset with two or more "
                           f"(set probe.data, or probe.every: 0 to turn the probe off)")
+    probe = cfg.probe
+    for name, count in manifest.per_class_counts.items():
+        n = min(count, probe.max_per_class or count)
+        pool = n - int(min(max(round(n * probe.test_fraction), 1), max(n - 1, 1)))
+        if pool < probe.shots:
+            raise ConfigError(f"probe.shots = {probe.shots} but class {name!r} of {storage.redact(uri)} leaves "
+                              f"only {pool} pool chip(s) for the probe ({count} chips, probe.max_per_class = "
+                              f"{probe.max_per_class}, probe.test_fraction = {probe.test_fraction}); lower "
+                              f"probe.shots or point probe.data at a larger labelled dataset")
 
 
 class OnlineProbe:

@@ -129,6 +129,17 @@ def test_probe_on_an_unlabelled_dataset_is_refused_before_ray(tmp_path):
         run_pretrain(cfg)
 
 
+def test_probe_with_too_few_chips_per_class_is_refused_before_ray(dataset, tmp_path):
+    from sarjepa_dist.config import ConfigError
+    from sarjepa_dist.train.runner import run_pretrain
+
+    root, _ = dataset  # 40 chips per class (one or two of them bad)
+    cfg = tiny_config(root, str(tmp_path / "runs"), "probe-short", probe={"every": 2, "shots": 30,
+                                                                            "max_per_class": None})
+    with pytest.raises(ConfigError, match=r"probe.shots = 30 but class '\w+' of .* leaves only 28 pool chip"):
+        run_pretrain(cfg)
+
+
 def test_both_placements_learn_comparably(runs):
     """Same seed, same data: the placements differ only in where ∇x is computed."""
     losses = {p: runs[p][1].metrics_history[-1]["loss"] for p in PLACEMENTS}
