@@ -47,8 +47,9 @@ def demo_config(data_uri: str, runs_uri: str, report_dir: str, quick: bool) -> C
         "train": {"name": "demo-pretrain", "storage_path": runs_uri, "steps": steps,
                   "checkpoint_every": max(steps // 2, 10), "log_every": max(steps // 10, 5),
                   "num_workers": 1, "cpus_per_worker": 1},
-        # the online few-shot probe every fifth of the run: the learning curve in demo_out/curves.png
-        "probe": {"every": max(steps // 5, 10), "shots": 5, "episodes": 3, "max_per_class": 40},
+        # the online few-shot probe every third of the run (each probe of these 400 chips costs about
+        # a third of a 100-step interval's 5%): the learning curve in demo_out/curves.png
+        "probe": {"every": max(steps // 3, 10), "shots": 5, "episodes": 3, "max_per_class": 40},
         "tune": {"name": "demo-sweep", "storage_path": runs_uri,
                  "grid": {"mask.target_scale": [[0.1, 0.15], [0.15, 0.25]]}},
         "fewshot": {"data": data_uri, "split_column": "depression_deg", "train_values": [17.0],
