@@ -311,7 +311,9 @@ class ProbeConfig:
     """Online few-shot probe of the evaluation encoder during pretraining (``sarjepa_dist/probe.py``)."""
 
     every: int = 0  # steps between probes on rank 0; 0 disables
-    data: str | None = None  # labelled shard dataset; None: data.path (which must then be labelled)
+    # a labelled shard dataset, read whole into rank 0's memory once (keep it small: a few thousand
+    # chips); None: data.path, which must then be labelled and small
+    data: str | None = None
     shots: int = 10  # K support chips per class
     episodes: int = 5  # support draws averaged per probe
     test_fraction: float = 0.3  # of the probe chips per class, scored
