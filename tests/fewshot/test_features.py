@@ -55,7 +55,7 @@ def test_checkpoint_and_its_export_give_the_same_features(checkpoint):
     b = compute_features(chips, from_export.recipe, build_model(from_export.recipe, from_export.state))
     c = compute_features(chips, from_export_file.recipe,
                            build_model(from_export_file.recipe, from_export_file.state))
-    assert a.shape == (6, 192 * 16)  # grid4 (the default): D features in each of 4x4 cells
+    assert a.shape == (6, 192)  # mean pooling (the default): D features
     np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(a, c)
     assert from_ckpt.fingerprint == from_export.fingerprint  # same weights, same recipe
@@ -116,7 +116,7 @@ def test_domains_inputs_and_cache_names_differ(checkpoint):
     # the encoder has no class token to pool: the config offers the token poolings only, and says so
     with pytest.raises(ConfigError, match=r"fewshot\.pooling = 'cls' is not allowed; choose one of \['mean', 'grid2', 'grid4', 'centre'\]"):
         tiny_cfg(pooling="cls")
-    assert ctx.recipe.pooling == "grid4" and not ctx.notes  # the default
+    assert ctx.recipe.pooling == "mean" and not ctx.notes  # the default
 
 
 def test_random_init_is_seeded():

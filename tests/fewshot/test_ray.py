@@ -41,7 +41,7 @@ def test_run_fewshot_with_ray_data_then_from_the_cache(ray_local, tmp_path, monk
     results = json.loads(Path(res.results_uri).read_text())
     assert [e["name"] for e in results["encoders"]] == ["random-init", "raw-pixels", "gradient-maps"]
     assert all(e["extraction"]["extracted"] for e in results["encoders"])
-    assert results["encoders"][0]["feature_dim"] == 192 * 16 and results["encoders"][1]["feature_dim"] == 32 * 32
+    assert results["encoders"][0]["feature_dim"] == 192 and results["encoders"][1]["feature_dim"] == 32 * 32
     assert results["split"]["kind"] == "column" and results["split"]["test_size"] == 24
     assert len(results["runs"]) == 3 * 3 * 2 * 2
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in results["runs"])
