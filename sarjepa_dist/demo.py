@@ -49,7 +49,8 @@ def demo_config(data_uri: str, runs_uri: str, report_dir: str, quick: bool) -> C
                   "num_workers": 1, "cpus_per_worker": 1},
         # the online few-shot probe every third of the run (each probe of these 400 chips costs about
         # a third of a 100-step interval's 5%): the learning curve in demo_out/curves.png
-        "probe": {"every": max(steps // 3, 10), "shots": 5, "episodes": 3, "max_per_class": 40},
+        "probe": {"every": max(steps // 3, 10), "shots": 5, "episodes": 3, "max_per_class": 40,
+                  "pooling": "grid4"},
         "tune": {"name": "demo-sweep", "storage_path": runs_uri,
                  "grid": {"mask.target_scale": [[0.1, 0.15], [0.15, 0.25]]}},
         "fewshot": {"data": data_uri, "split_column": "depression_deg", "train_values": [17.0],
