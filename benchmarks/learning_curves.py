@@ -38,6 +38,7 @@ from sarjepa_dist.engine import build_method, train_step
 from sarjepa_dist.fewshot.protocol import EncoderFeatures, run_protocol, summarise
 from sarjepa_dist.masks import mask_generator
 from sarjepa_dist.model.collapse import collapse_stats
+from sarjepa_dist.model.jepa import CONTEXT_INPUT
 from sarjepa_dist.optim import Schedules, build_optimizer
 from sarjepa_dist.probe import build_probe_set, embed, run_probe
 from sarjepa_dist.transforms import augment_batch, center_resize, prepare_inputs
@@ -77,7 +78,7 @@ def variant_config(overrides: list[str], steps: int) -> Any:
 
 def eval_key(cfg: Any) -> str:
     """The context domain feeds the evaluation encoder (fewshot.feature_domain: context)."""
-    return "x" if cfg.model.context_domain == "raw" else "gx"
+    return CONTEXT_INPUT[cfg.model.context_domain]
 
 
 def pretrain(cfg: Any, chips: torch.Tensor, probe_set: Any, probe_cfg: ProbeConfig, seed: int,

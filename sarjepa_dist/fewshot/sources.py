@@ -30,6 +30,7 @@ from sarjepa_dist.config import Config, to_plain
 from sarjepa_dist.fewshot.compute import GRADIENT_MAP_GRID, FeatureError, FeatureRecipe
 from sarjepa_dist.model.io import (CONFIG_FILE, EXPORT_INFO, EXPORT_WEIGHTS, META_FILE, MODEL_FILE, STATE_FILE,
                                    load_encoder)
+from sarjepa_dist.model.jepa import CONTEXT_INPUT
 
 FEATURE_VERSION = 1  # bump when the numbers a recipe produces change (invalidates every cache)
 BASELINES = ("raw-pixels", "gradient-maps")
@@ -148,7 +149,7 @@ def _encoder_input(feature_domain: str, context_domain: str, target_mode: str, c
                    gradient: Mapping[str, Any]) -> tuple[str, str]:
     """Which ``prepare_inputs`` output feeds the encoder in ``feature_domain``, and its description."""
     if feature_domain == "context":
-        inp = "x" if context_domain == "raw" else "gx"
+        inp = CONTEXT_INPUT[context_domain]
         domain = f"context domain ({context_domain})"
     else:
         inp = "x" if target_mode == "ema-pixel" else "gx"

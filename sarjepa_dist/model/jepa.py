@@ -30,13 +30,13 @@ if TYPE_CHECKING:  # masks are produced by sarjepa_dist.masks; the model only re
     from sarjepa_dist.masks import MaskBatch
 
 # The input key (transforms.INPUT_KEYS) each context domain and target mode reads.
-_CONTEXT_INPUT = {"raw": "x", "gradient": "gx"}
+CONTEXT_INPUT = {"raw": "x", "gradient": "gx"}
 _TARGET_INPUT = {"ema-gradient": "gx", "ema-pixel": "x", "gradient-features": "gfeat"}
 
 
 def required_inputs(model_cfg: ModelConfig) -> tuple[str, ...]:
     """The input keys (⊆ x, gx, gfeat) a model of this config reads, without building it."""
-    need = {_CONTEXT_INPUT[model_cfg.context_domain], _TARGET_INPUT[model_cfg.target_mode]}
+    need = {CONTEXT_INPUT[model_cfg.context_domain], _TARGET_INPUT[model_cfg.target_mode]}
     return tuple(sorted(need))
 
 
@@ -132,7 +132,7 @@ class SarJEPA(nn.Module):
         Also returns ``pred`` (B, M, Kt, dim), ``target`` and ``context`` (the context encoder's
         tokens, detached, for collapse monitoring).
         """
-        z = self.encoder(inputs[_CONTEXT_INPUT[self.context_domain]], masks.context)
+        z = self.encoder(inputs[CONTEXT_INPUT[self.context_domain]], masks.context)
         pred = self.predictor(z, masks.context, masks.targets)
         target = self.targets(inputs, masks.targets)
         loss = F.mse_loss(pred.float(), target.float())

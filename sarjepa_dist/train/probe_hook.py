@@ -11,6 +11,7 @@ from typing import Any
 from sarjepa_dist import storage
 from sarjepa_dist.config import Config, ConfigError
 from sarjepa_dist.data.shards import ShardError, load_arrays, read_manifest
+from sarjepa_dist.model.jepa import CONTEXT_INPUT
 from sarjepa_dist.probe import ProbeSet, build_probe_set, run_probe
 from sarjepa_dist.train.loop import StepView
 
@@ -54,7 +55,7 @@ class OnlineProbe:
             return None
         cfg = view.cfg
         t0 = time.perf_counter()
-        key = "x" if cfg.model.context_domain == "raw" else "gx"
+        key = CONTEXT_INPUT[cfg.model.context_domain]  # the fewshot default: the context domain
         if self._probe_set is None:
             arrays = load_arrays(probe_data_uri(cfg))
             self._probe_set = build_probe_set(arrays.chips, arrays.labels, cfg.probe, cfg.data, cfg.gradient,
