@@ -153,8 +153,9 @@ def _signed_pp(v: float) -> str:
 
 
 def paired_table(results: Mapping[str, Any]) -> list[str]:
-    """Encoder − hand-made baseline, paired by (K, seed), in percentage points (METHOD.md §5:
-    beating these, not random init, is the real test of pretraining)."""
+    """Encoder − reference, paired by (K, seed), in percentage points. References are the hand-made
+    baselines (METHOD.md §5: beating these is the real test of pretraining) and random init (a
+    pretrained encoder that cannot beat its untrained architecture has learned nothing usable)."""
     rows = results.get("paired") or []
     if not rows:
         return []
@@ -162,10 +163,10 @@ def paired_table(results: Mapping[str, Any]) -> list[str]:
     shots = proto["shots"]
     idx = {(r["encoder"], r["reference"], r["method"], int(r["shots"])): r for r in rows}
     pairs = list(dict.fromkeys((r["encoder"], r["reference"]) for r in rows))
-    lines = ["## Paired differences vs the hand-made baselines (percentage points)", "",
-             "Encoder minus baseline on the same support sets, mean ± 95% t-interval over seeds; an interval "
-             "entirely above 0 means the encoder beats the baseline.", ""]
-    lines.append("| method | encoder − baseline | " + " | ".join(f"K={k}" for k in shots) + " |")
+    lines = ["## Paired differences vs the references: hand-made baselines and random init (percentage points)",
+             "", "Encoder minus reference on the same support sets, mean ± 95% t-interval over seeds; an interval "
+             "entirely above 0 means the encoder beats the reference.", ""]
+    lines.append("| method | encoder − reference | " + " | ".join(f"K={k}" for k in shots) + " |")
     lines.append("|---|---|" + "---:|" * len(shots))
     for m in proto["methods"]:
         for enc, ref in pairs:

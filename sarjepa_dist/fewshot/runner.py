@@ -215,8 +215,8 @@ def run_fewshot(cfg: Config) -> FewshotResult:
         },
         "encoders": [_encoder_record(s, feats[s.name].pool.shape[1], records[s.name]) for s in sources],
         "summary": [r.to_dict() for r in summary],
-        "paired": [row for enc in sources if not enc.is_baseline for ref in sources if ref.is_baseline
-                   for row in paired_differences(runs, enc.name, ref.name)],
+        "paired": [row for enc in sources if not enc.is_baseline for ref in sources
+                   if ref.is_reference and ref is not enc for row in paired_differences(runs, enc.name, ref.name)],
         "runs": [r.to_dict() for r in runs],
         "config": cfg.to_dict(),
     }

@@ -61,6 +61,11 @@ class FeatureSource:
     def is_baseline(self) -> bool:
         return self.recipe.kind in BASELINES
 
+    @property
+    def is_reference(self) -> bool:
+        """What a pretrained encoder must beat: a hand-made baseline, or an untrained network."""
+        return self.is_baseline or self.spec.startswith("random-init")
+
     def cache_name(self, dataset_id: str) -> str:
         return f"{self.key}__{dataset_id[:12]}__{self.domain}.npz"
 

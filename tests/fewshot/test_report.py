@@ -147,7 +147,26 @@ def test_paired_differences_against_the_baselines(tmp_path, local_extract):
     assert row["mean"] == pytest.approx(0.2) and row["half_width"] == pytest.approx(0.2484, abs=1e-4)
 
     root = blob_dataset(str(tmp_path / "blobs"), per_class=6)
-    res = run_fewshot(cfg_for(tmp_path, data=root, encoders=["random-init", "raw-pixels"], methods=["knn"]))
+    ckpt = _tiny_checkpoint(tmp_path / "ckpt" / "checkpoint_000001")
+    res = run_fewshot(cfg_for(tmp_path, data=root, encoders=[ckpt, "random-init", "raw-pixels"], methods=["knn"]))
     md = Path(res.report_uri).read_text()
-    assert "## Paired differences vs the hand-made baselines" in md and "| knn | random-init − raw-pixels |" in md
-    assert {(r["encoder"], r["reference"]) for r in res.results["paired"]} == {("random-init", "raw-pixels")}
+    assert "## Paired differences vs the references" in md and "| knn | random-init − raw-pixels |" in md
+    trained = next(e["name"] for e in res.results["encoders"] if e["name"] not in ("random-init", "raw-pixels"))
+    # a pretrained encoder is compared with both references; the references are never the encoder side
+    # of a pair with themselves, and a baseline is never compared with anything
+    assert {(r["encoder"], r["reference"]) for r in res.results["paired"]} == {
+        ("random-init", "raw-pixels"), (trained, "random-init"), (trained, "raw-pixels")}
+    assert f"| knn | {trained} − random-init |" in md
+
+
+def _tiny_checkpoint(dest: Path) -> str:
+    import torch
+
+    from sarjepa_dist.model.io import save_checkpoint_dir
+    from sarjepa_dist.model.jepa import SarJEPA
+
+    cfg = config_from_dict(TINY)
+    torch.manual_seed(1)
+    model = SarJEPA(cfg.model, cfg.data.img_size, cfg.data.channels, num_grad_scales=len(cfg.gradient.radii))
+    save_checkpoint_dir(dest, model, None, {"step": 1}, cfg.to_dict(), {"run_name": "tiny", "step": 1})
+    return str(dest)
