@@ -35,7 +35,7 @@ import torch
 from sarjepa_dist.config import DataConfig, ProbeConfig, load_config, merge_tree
 from sarjepa_dist.data.shards import load_arrays
 from sarjepa_dist.engine import build_method, train_step
-from sarjepa_dist.fewshot.protocol import EncoderFeatures, run_protocol, summarise
+from sarjepa_dist.fewshot.protocol import EncoderFeatures, paired_differences, run_protocol, summarise
 from sarjepa_dist.masks import mask_generator
 from sarjepa_dist.model.collapse import collapse_stats
 from sarjepa_dist.model.jepa import CONTEXT_INPUT
@@ -149,9 +149,12 @@ def baseline_features(amp_eval: torch.Tensor, cfg: Any) -> dict[str, np.ndarray]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--mstar", required=True, help="MSTAR class-per-folder JPEGs")
+    data = ap.add_mutually_exclusive_group(required=True)
+    data.add_argument("--mstar", help="MSTAR class-per-folder JPEGs")
+    data.add_argument("--synthetic", type=int, metavar="PER_CLASS",
+                      help="instead of MSTAR: ten classes of synthetic SAR chips (sarjepa synth), this many each")
     ap.add_argument("--out", default="runs/learning_curves")
-    ap.add_argument("--chip-size", type=int, default=128, help="centre crop at ingest")
+    ap.add_argument("--chip-size", type=int, default=128, help="centre crop at ingest (synthetic: chip side)")
     ap.add_argument("--variants", default="base,ctx-gradient", help="comma-separated presets")
     ap.add_argument("--variant", action="append", default=[],
                     help="NAME:key=value;key=value (overrides on the base recipe); repeatable")
@@ -166,12 +169,18 @@ def main() -> None:
     torch.set_num_threads(int(os.environ.get("SARJEPA_THREADS", torch.get_num_threads())))
 
     from sarjepa_dist.data.ingest import ingest_images
+    from sarjepa_dist.data.synth import SynthConfig, write_synthetic_dataset
     from sarjepa_dist.fewshot.splits import load_labelled_set, stratified_split
 
     out = Path(args.out).resolve()
-    uri = str(out / f"data/mstar{args.chip_size}")
-    if not (Path(uri) / "manifest.json").exists():
-        ingest_images(args.mstar, uri, args.chip_size)
+    if args.synthetic:
+        uri = str(out / f"data/synth{args.chip_size}x{args.synthetic}")
+        if not (Path(uri) / "manifest.json").exists():
+            write_synthetic_dataset(uri, SynthConfig(num_classes=10, per_class=args.synthetic, size=args.chip_size))
+    else:
+        uri = str(out / f"data/mstar{args.chip_size}")
+        if not (Path(uri) / "manifest.json").exists():
+            ingest_images(args.mstar, uri, args.chip_size)
     arrays = load_arrays(uri)
     labelled = load_labelled_set(uri)
     assert list(labelled.chip_ids) == list(arrays.chip_ids), "row order differs between readers"
@@ -221,16 +230,34 @@ def main() -> None:
         table = {f"{r.encoder}|{r.method}|{r.shots}": [round(100 * r.interval.mean, 1),
                                                         round(100 * (r.interval.half_width or 0), 1)]
                  for r in summarise(runs)}
+        paired = paired_table(runs, report_feats)
         results["report"] = {"split": split.description, "shots": shots, "seeds": args.seeds,
-                             "accuracy_pct_mean_halfwidth": table}
+                             "accuracy_pct_mean_halfwidth": table, "paired_pct_mean_halfwidth": paired}
         print("\nreport split: accuracy % (mean ± 95% interval)")
         for k, (m, h) in table.items():
             print(f"  {k:50s} {m:5.1f} ± {h:4.1f}")
+        print("\npaired differences (percentage points, mean ± 95% interval over the same support sets)")
+        for k, (m, h) in paired.items():
+            print(f"  {k:70s} {m:+5.1f} ± {h:4.1f}")
     RESULTS.mkdir(exist_ok=True)
     stem = f"learning_curves{'_' + args.tag if args.tag else ''}"
     (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2, default=float))
     plot(results, RESULTS / f"{stem}.png")
     print(f"saved {RESULTS / stem}.json/.png")
+
+
+def paired_table(runs: Any, feats: dict[str, EncoderFeatures]) -> dict[str, list[float]]:
+    """Each pretrained encoder minus its own random init (same pooling) and minus each baseline."""
+    baselines = [n for n in feats if "/" not in n]
+    out = {}
+    for name in feats:
+        if "/" not in name or name.startswith("random-init/"):
+            continue
+        for ref in [f"random-init/{name}", *baselines]:
+            for row in paired_differences(runs, name, ref):
+                out[f"{name} − {ref}|{row['method']}|{row['shots']}"] = [
+                    round(100 * row["mean"], 1), round(100 * (row["half_width"] or 0), 1)]
+    return out
 
 
 def plot(results: dict[str, Any], dest: Path) -> None:
