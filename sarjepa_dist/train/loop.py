@@ -117,6 +117,12 @@ def param_checksum(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """What ``train_step`` autocasts to on ``device`` under ``train.precision``/``train.amp``."""
+    name = cfg.train.autocast_dtype(device.type)
+    return getattr(torch, name) if name else None
+
+
 def _batch_size(inputs: dict[str, torch.Tensor]) -> int:
     return int(next(iter(inputs.values())).shape[0])
 
@@ -192,7 +198,7 @@ class _Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.schedules = Schedules(cfg.optim, self.total,
                                    lr_scale=cfg.optim.scale_for(cfg.data.batch_size * self.world))
-        self.autocast = torch.bfloat16 if (cfg.train.amp and self.device.type == "cuda") else None
+        self.autocast = autocast_dtype(cfg, self.device)
 
     def _wrap_model(self) -> torch.nn.Module | None:
         """What the step runs forward through: DDP over the ranks, compiled if asked (None: the model)."""
