@@ -287,6 +287,10 @@ class TrainConfig:
     storage_path: str = "runs"  # checkpoints and results: local path or s3://bucket/prefix
     steps: int = 1000  # total optimiser steps
     num_workers: int = 1
+    # Elastic training (Train V2): start with as few as min_workers and grow to num_workers as nodes
+    # join; a resize restarts the group from the latest checkpoint. None: exactly num_workers.
+    min_workers: int | None = None
+    elastic_resize_interval_s: float = 60.0  # how often a running group looks for more resources
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     checkpoint_every: int = 200
@@ -309,6 +313,9 @@ class TrainConfig:
             raise ConfigError(f"{p}.name = {self.name!r} must be a non-empty name without '/'")
         check_range(f"{p}.steps", self.steps, 1)
         check_range(f"{p}.num_workers", self.num_workers, 1, 4096)
+        if self.min_workers is not None:
+            check_range(f"{p}.min_workers", self.min_workers, 1, self.num_workers)
+        check_range(f"{p}.elastic_resize_interval_s", self.elastic_resize_interval_s, 0.0)
         check_range(f"{p}.cpus_per_worker", self.cpus_per_worker, 0.0, 256.0)
         check_range(f"{p}.checkpoint_every", self.checkpoint_every, 1)
         check_range(f"{p}.num_to_keep", self.num_to_keep, 1)
