@@ -86,7 +86,11 @@ def _add_data_parsers(sub: argparse._SubParsersAction, verbose: argparse.Argumen
 def _add_ingest_parsers(sub: argparse._SubParsersAction, verbose: argparse.ArgumentParser) -> None:
     ingest = sub.add_parser("ingest", parents=[verbose], help="turn images, arrays or scenes into chip shards")
     isub = ingest.add_subparsers(dest="ingest_kind", required=True)
-    common = argparse.ArgumentParser(add_help=False, parents=[verbose])
+    cluster = argparse.ArgumentParser(add_help=False, parents=[verbose])
+    cluster.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                         help="run as a Ray job on this cluster ('local': a new one on this machine); "
+                              "default: RAY_ADDRESS if set, else in this process")
+    common = argparse.ArgumentParser(add_help=False, parents=[cluster])
     common.add_argument("--max-bad-fraction", type=float, default=0.01,
                         help="fail when more than this fraction of chips is bad (default 0.01)")
     common.add_argument("--shard-mib", type=float, default=128.0, help="target Parquet shard size (MiB)")
@@ -101,7 +105,7 @@ def _add_ingest_parsers(sub: argparse._SubParsersAction, verbose: argparse.Argum
     p.add_argument("--size", type=int, default=None)
     p.add_argument("--chips-key", default="chips")
     p.add_argument("--labels-key", default="labels")
-    p = isub.add_parser("scene", parents=[verbose],
+    p = isub.add_parser("scene", parents=[cluster],
                         help="tile a large scene (GeoTIFF/TIFF/.npy, magnitude or complex)")
     p.add_argument("src")
     p.add_argument("dest")
@@ -213,6 +217,20 @@ _Handler = Callable[[argparse.Namespace, list[str]], int]
 
 
 def _ingest(args: argparse.Namespace, command_line: list[str]) -> int:
+    import contextlib
+
+    address = args.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        from sarjepa_dist.data.ingest.distributed import ray_ingest
+
+        where: contextlib.AbstractContextManager = ray_ingest(address)
+    else:
+        where = contextlib.nullcontext()
+    with where:
+        return _run_ingest(args, command_line)
+
+
+def _run_ingest(args: argparse.Namespace, command_line: list[str]) -> int:
     from sarjepa_dist.data import ingest
 
     if args.ingest_kind == "images":

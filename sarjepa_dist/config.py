@@ -72,6 +72,9 @@ FEATURE_DOMAINS = ("context", "target")
 # How an encoder's patch tokens become one feature vector (model/pooling.py says what each means).
 FEATURE_POOLINGS = ("mean", "grid2", "grid4", "centre")
 PROBE_METHODS = ("knn", "linear")
+# train.precision: auto = bf16 autocast on CUDA when train.amp, fp32 elsewhere; bf16 = bf16 autocast
+# on every device (CPU autocast included); fp32 = no autocast.
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
 # --------------------------------------------------------------------------- validation helpers
@@ -284,26 +287,44 @@ class TrainConfig:
     storage_path: str = "runs"  # checkpoints and results: local path or s3://bucket/prefix
     steps: int = 1000  # total optimiser steps
     num_workers: int = 1
+    # Elastic training (Train V2): start with as few as min_workers and grow to num_workers as nodes
+    # join; a resize restarts the group from the latest checkpoint. None: exactly num_workers.
+    min_workers: int | None = None
+    elastic_resize_interval_s: float = 60.0  # how often a running group looks for more resources
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     checkpoint_every: int = 200
     num_to_keep: int = 2
     max_failures: int = 0
     log_every: int = 10
-    amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
+    amp: bool = True  # bf16 autocast on CUDA; ignored on CPU (train.precision: bf16 forces it everywhere)
+    precision: str = "auto"  # PRECISIONS
     compile: bool = False  # torch.compile the model
     seed: int = 0
+
+    def autocast_dtype(self, device_type: str) -> str | None:
+        """The torch dtype name the step autocasts to on ``device_type`` (None: plain fp32)."""
+        if self.precision == "bf16" or (self.precision == "auto" and self.amp and device_type == "cuda"):
+            return "bfloat16"
+        return None
 
     def validate(self, p: str = "train") -> None:
         if not self.name or "/" in self.name:
             raise ConfigError(f"{p}.name = {self.name!r} must be a non-empty name without '/'")
         check_range(f"{p}.steps", self.steps, 1)
         check_range(f"{p}.num_workers", self.num_workers, 1, 4096)
+        if self.min_workers is not None:
+            check_range(f"{p}.min_workers", self.min_workers, 1, self.num_workers)
+        check_range(f"{p}.elastic_resize_interval_s", self.elastic_resize_interval_s, 0.0)
         check_range(f"{p}.cpus_per_worker", self.cpus_per_worker, 0.0, 256.0)
         check_range(f"{p}.checkpoint_every", self.checkpoint_every, 1)
         check_range(f"{p}.num_to_keep", self.num_to_keep, 1)
         check_range(f"{p}.max_failures", self.max_failures, -1)
         check_range(f"{p}.log_every", self.log_every, 1)
+        check_choice(f"{p}.precision", self.precision, PRECISIONS)
+        if self.precision == "bf16" and not self.amp:
+            raise ConfigError(f"{p}.amp = false contradicts {p}.precision = 'bf16'; "
+                              f"set {p}.precision = 'fp32' (or drop {p}.amp)")
 
 
 @dataclass

@@ -89,6 +89,8 @@ class StepView:
     world_size: int
     model: torch.nn.Module  # this rank's replica, unwrapped (no DDP, not compiled)
     cfg: Config
+    epoch: int = 0
+    chip_ids: tuple[str, ...] = ()  # the chips of the step's batch on this rank
 
 
 # Called on every rank after every step (a hook picks its own steps and ranks, and a hook that
@@ -115,6 +117,12 @@ def param_checksum(module: torch.nn.Module) -> str:
         h.update(name.encode())
         h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """What ``train_step`` autocasts to on ``device`` under ``train.precision``/``train.amp``."""
+    name = cfg.train.autocast_dtype(device.type)
+    return getattr(torch, name) if name else None
 
 
 def _batch_size(inputs: dict[str, torch.Tensor]) -> int:
@@ -192,7 +200,7 @@ class _Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.schedules = Schedules(cfg.optim, self.total,
                                    lr_scale=cfg.optim.scale_for(cfg.data.batch_size * self.world))
-        self.autocast = torch.bfloat16 if (cfg.train.amp and self.device.type == "cuda") else None
+        self.autocast = autocast_dtype(cfg, self.device)
 
     def _wrap_model(self) -> torch.nn.Module | None:
         """What the step runs forward through: DDP over the ranks, compiled if asked (None: the model)."""
@@ -225,7 +233,7 @@ class _Trainer:
                 batches = self._agreed_batches(self._epoch_shard(epoch, trainer_shard))
                 for fetched in itertools.islice(batches, skip, None):
                     step_metrics, inputs, masks = self._step(fetched)
-                    self._run_hooks()
+                    self._run_hooks(fetched)
                     if self._report_due():
                         self._report(step_metrics, inputs, masks)
                     if self.state.step >= self.total:
@@ -289,9 +297,9 @@ class _Trainer:
                        chips=fetched.global_chips, loss=step_metrics.loss)
         return step_metrics, inputs, masks
 
-    def _run_hooks(self) -> None:
+    def _run_hooks(self, fetched: _Fetched) -> None:
         view = StepView(step=self.state.step, rank=self.rank, world_size=self.world, model=self.model,
-                        cfg=self.cfg)
+                        cfg=self.cfg, epoch=self.state.epoch, chip_ids=tuple(fetched.batch["chip_id"]))
         for hook in self.hooks:
             self.hook_metrics.update(hook(view) or {})
 

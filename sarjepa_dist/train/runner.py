@@ -133,8 +133,11 @@ def _scaling_config(cfg: Config, resources_per_worker: dict[str, float] | None,
     if cfg.train.use_gpu:
         resources["GPU"] = 1.0
     resources.update(resources_per_worker or {})
-    return ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
-                         resources_per_worker=resources, placement_strategy=placement_strategy)
+    train = cfg.train
+    workers = train.num_workers if train.min_workers is None else (train.min_workers, train.num_workers)
+    return ScalingConfig(num_workers=workers, use_gpu=train.use_gpu, resources_per_worker=resources,
+                         placement_strategy=placement_strategy,
+                         elastic_resize_monitor_interval_s=train.elastic_resize_interval_s)
 
 
 def _run_config(cfg: Config, callbacks: Sequence[Any] | None) -> RunConfig:

@@ -174,12 +174,37 @@ def list_inputs(src: str, extensions: tuple[str, ...]) -> tuple[list[str], int]:
     return keep, ignored
 
 
-def ordered_map(fn: Callable[[T], R], items: list[T], workers: int, window: int = 64) -> Iterator[R]:
+# The executor of a distributed ingest (``distributed.ray_ingest``); None: this process does the work.
+_backend: Any = None
+
+
+@contextlib.contextmanager
+def use_backend(backend: Any) -> Iterator[None]:
+    """Route ``ordered_map`` and the shard writes of ``commit_chips`` to ``backend`` inside the block."""
+    global _backend
+    before, _backend = _backend, backend
+    try:
+        yield
+    finally:
+        _backend = before
+
+
+def distributed() -> bool:
+    """Whether ``ordered_map`` runs its items in another process (inside ``use_backend``)."""
+    return _backend is not None
+
+
+def ordered_map(fn: Callable[[T], R], items: list[T], workers: int, window: int = 64,
+                items_per_task: int | None = None) -> Iterator[R]:
     """``map(fn, items)`` on a thread pool, in order, with at most ``window`` results in flight.
 
     Reading and decoding (Pillow, zlib, S3 GETs) release the GIL, so a few threads overlap I/O and
-    decode; the bounded window keeps memory flat however many files there are.
+    decode; the bounded window keeps memory flat however many files there are. Inside
+    ``use_backend`` the backend runs them (Ray tasks, ``items_per_task`` a task), still in order.
     """
+    if _backend is not None:
+        yield from _backend.ordered_map(fn, items, items_per_task)
+        return
     if workers <= 1:
         yield from map(fn, items)
         return
@@ -340,7 +365,8 @@ def commit_chips(tally: Tally, records: Iterable[ChipRecord], *, dest: str, sour
     ``padded`` entry in ``crop_policy`` is set to the number of padded chips. Leaving with an error
     commits nothing: the previous dataset at ``dest`` stays as it was.
     """
-    with ShardWriter(dest, class_names=class_names, source=source, crop_policy=crop_policy,
+    make_writer = ShardWriter if _backend is None else _backend.writer
+    with make_writer(dest, class_names=class_names, source=source, crop_policy=crop_policy,
                      target_shard_mib=target_shard_mib, command=command) as writer:
         for record in records:
             writer.add(record)

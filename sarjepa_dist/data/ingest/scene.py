@@ -1,10 +1,12 @@
 """``ingest_scene``: large scenes (TIFF/GeoTIFF or ``.npy``, magnitude or complex SLC) → unlabelled
 ``tile × tile`` chips at ``stride``, skipping no-data tiles. Streams: memory-mapped input, one row band
-of tiles at a time, and ``ShardWriter`` flushes shards by size."""
+of tiles at a time, and ``ShardWriter`` flushes shards by size. In a distributed ingest one scene is split across
+Ray tasks by groups of row bands, each reading only its own rows."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import tempfile
@@ -16,8 +18,8 @@ import tifffile
 
 from sarjepa_dist import storage
 from sarjepa_dist.data.ingest.core import (
-    IngestError, IngestReport, Tally, check_fraction_arg, commit_chips, extension, list_sources, localized,
-    prepare_chip, promote_dtypes, read_npy_header, storage_dtype, to_storage,
+    IngestError, IngestReport, Tally, check_fraction_arg, commit_chips, distributed, extension, list_sources,
+    localized, ordered_map, prepare_chip, promote_dtypes, read_npy_header, storage_dtype, to_storage,
 )
 from sarjepa_dist.data.shards import BadChip, ChipRecord
 
@@ -128,36 +130,79 @@ def _nodata_mask(band: np.ndarray, nodata_value: float | None) -> np.ndarray:
     return nodata
 
 
+BANDS_PER_TASK = 4  # row bands of one scene per Ray task in a distributed ingest
+
+
+@dataclass
+class _BandTiles:
+    """What one group of row bands gave: good tiles (chip id, chip), bad tiles, no-data tiles skipped."""
+
+    good: list[tuple[str, np.ndarray]]
+    bad: list[tuple[str, str, str]]
+    skipped: int
+
+
+def _tile_band(arr: np.ndarray, h: _SceneHeader, r: int, cols: list[int], *, channels: int, tile: int,
+               max_nodata_fraction: float, nodata_value: float | None, dtype: np.dtype) -> _BandTiles:
+    """The tiles of the row band starting at row ``r`` of the opened scene ``arr``."""
+    stem = os.path.splitext(h.rel)[0]
+    out = _BandTiles([], [], 0)
+    band = _row_band(arr, h.layout, r, tile)
+    nodata = _nodata_mask(band, nodata_value)
+    for c in cols:
+        if float(nodata[:, :, c:c + tile].mean()) > max_nodata_fraction:
+            out.skipped += 1
+            continue
+        try:
+            chip, _ = prepare_chip(np.ascontiguousarray(band[:, :, c:c + tile]), None, (channels, tile, tile))
+        except BadChip as exc:
+            out.bad.append((f"{h.rel}#r{r}-c{c}", exc.reason, exc.detail))
+            continue
+        out.good.append((f"{stem}-r{r}-c{c}", chip.astype(dtype, copy=False)))
+    return out
+
+
+def _tile_bands(h: _SceneHeader, rows: list[int], **kw: Any) -> list[_BandTiles]:
+    """A Ray task's share of a scene: it opens the scene (a memory map) and reads only ``rows``' bands."""
+    with localized(h.uri) as local, _open_scene(local, h) as arr:
+        return [_tile_band(arr, h, r, **kw) for r in rows]
+
+
+def _band_results(h: _SceneHeader, rows: range, **kw: Any) -> Iterator[_BandTiles]:
+    """Every row band's tiles, in order: here, the scene opened once and read a band at a time;
+    in a distributed ingest, ``BANDS_PER_TASK`` bands a Ray task."""
+    if not distributed():
+        with localized(h.uri) as local, _open_scene(local, h) as arr:
+            for r in rows:
+                yield _tile_band(arr, h, r, **kw)
+        return
+    groups = [list(rows[i:i + BANDS_PER_TASK]) for i in range(0, len(rows), BANDS_PER_TASK)]
+    for bands in ordered_map(functools.partial(_tile_bands, h, **kw), groups, workers=1, items_per_task=1):
+        yield from bands
+
+
 def _scene_records(h: _SceneHeader, tally: Tally, *, channels: int, tile: int, stride: int,
                    max_nodata_fraction: float, nodata_value: float | None, dtype: np.dtype,
                    scene_stats: list[dict[str, Any]]) -> Iterator[ChipRecord]:
-    """The good tiles of one scene, a row band at a time; no-data tiles are counted, bad ones go to
+    """The good tiles of one scene, in row-band order; no-data tiles are counted, bad ones go to
     ``tally``; the scene's counts are appended to ``scene_stats`` once it is done."""
     rows, cols = _tile_grid(h, tile, stride)
     n_tiles = len(rows) * len(cols)
     log.info("%s: %s %s %s (%s), %d tiles of %d×%d at stride %d", tally.what, h.rel, "×".join(map(str, h.shape)),
              h.dtype.name, "complex → magnitude" if h.dtype.kind == "c" else "magnitude", n_tiles,
              tile, tile, stride)
-    stem = os.path.splitext(h.rel)[0]
     kept = skipped = 0
-    with localized(h.uri) as local, _open_scene(local, h) as arr:
-        for k, r in enumerate(rows):
-            band = _row_band(arr, h.layout, r, tile)
-            nodata = _nodata_mask(band, nodata_value)
-            for c in cols:
-                if float(nodata[:, :, c:c + tile].mean()) > max_nodata_fraction:
-                    skipped += 1
-                    continue
-                try:
-                    chip, _ = prepare_chip(np.ascontiguousarray(band[:, :, c:c + tile]), None, (channels, tile, tile))
-                except BadChip as exc:
-                    tally.add_bad(f"{h.rel}#r{r}-c{c}", exc.reason, exc.detail)
-                    continue
-                yield ChipRecord(chip_id=f"{stem}-r{r}-c{c}", chip=chip.astype(dtype, copy=False), source_path=h.rel)
-                tally.add_good()
-                kept += 1
-            tally.progress((k + 1) * len(cols), n_tiles, f"tiles of {h.rel}")
-            del band, nodata
+    bands = _band_results(h, rows, cols=cols, channels=channels, tile=tile, dtype=dtype,
+                          max_nodata_fraction=max_nodata_fraction, nodata_value=nodata_value)
+    for k, result in enumerate(bands):
+        for source, reason, detail in result.bad:
+            tally.add_bad(source, reason, detail)
+        for chip_id, chip in result.good:
+            yield ChipRecord(chip_id=chip_id, chip=chip, source_path=h.rel)
+            tally.add_good()
+        kept += len(result.good)
+        skipped += result.skipped
+        tally.progress((k + 1) * len(cols), n_tiles, f"tiles of {h.rel}")
     tally.skipped["skipped_nodata"] += skipped
     scene_stats.append({"scene": h.rel, "shape": list(h.shape), "dtype": h.dtype.name,
                         "tiles_total": n_tiles, "tiles_kept": kept, "skipped_nodata": skipped})

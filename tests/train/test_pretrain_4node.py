@@ -1,0 +1,239 @@
+"""Four ranks on four simulated nodes (``ray.cluster_utils.Cluster``, gloo), through the real training
+loop: every epoch each chip goes to exactly one rank, once, and every rank takes the same number of
+batches, although the shards are of unequal sizes. Then elastic training (Train V2's
+``ScalingConfig(num_workers=(min, max))``, ``train.min_workers``): a run starts on three nodes, a
+fourth joins between epochs, the group grows to four ranks from the latest checkpoint, and every
+epoch is still exactly-once.
+
+The chip ids come from a step hook (``StepView.chip_ids``), written by every rank to a shared folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import ray.cloudpickle
+
+from _train_helpers import IMG, assert_finite_losses, tiny_config
+from sarjepa_dist import storage
+from sarjepa_dist.data import shards
+from sarjepa_dist.train.loop import StepView
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the hooks travel to the workers by value
+
+MiB = 2**20
+SHARD_SIZES = (12, 36, 60, 84)  # 192 chips: 48 per rank over 4 ranks, 64 over 3; 6 or 8 batches of 8
+BATCH = 8
+
+
+@dataclass(frozen=True)
+class RecordChips:
+    """Step hook: append (epoch, step, rank, world, node, chip ids) to ``<folder>/rank-<pid>.jsonl``."""
+
+    folder: str
+
+    def __call__(self, view: StepView) -> None:
+        row = {"epoch": view.epoch, "step": view.step, "rank": view.rank, "world": view.world_size,
+               "node": ray.get_runtime_context().get_node_id(), "chips": list(view.chip_ids),
+               "t": time.time()}
+        with open(os.path.join(self.folder, f"rank-{os.getpid()}.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+@dataclass(frozen=True)
+class HoldUntilWorld:
+    """Step hook: once past ``after_step``, a group smaller than ``world`` waits (up to ``timeout_s``)
+    for Train to resize it, so the resize lands at a known place instead of racing the run's end."""
+
+    world: int
+    after_step: int
+    timeout_s: float = 120.0
+
+    def __call__(self, view: StepView) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        while view.world_size < self.world and view.step > self.after_step and time.monotonic() < deadline:
+            time.sleep(0.5)
+
+
+def write_unequal_shards(root: str) -> shards.Manifest:
+    from sarjepa_dist.data.synth import SynthConfig, generate
+
+    batch = generate(SynthConfig(num_classes=4, per_class=sum(SHARD_SIZES) // 4, size=IMG, seed=3))
+    names = list(batch.class_names)
+    cuts = {sum(SHARD_SIZES[:i + 1]) for i in range(len(SHARD_SIZES))}
+    with shards.ShardWriter(root, class_names=names, command=["test"], target_shard_mib=1024) as w:
+        for i in range(len(batch)):
+            lab = int(batch.labels[i])
+            w.add(shards.ChipRecord(f"c{i:05d}", batch.chips[i], label=lab, class_name=names[lab]))
+            if i + 1 in cuts:
+                w._flush()  # cut a shard here: unequal shard sizes on purpose
+        manifest = w.commit()
+    assert [s.rows for s in manifest.shards] == list(SHARD_SIZES)
+    return manifest
+
+
+def read_records(folder: str) -> list[dict[str, Any]]:
+    rows = []
+    for name in os.listdir(folder):
+        with open(os.path.join(folder, name)) as f:
+            rows += [json.loads(line) for line in f if line.strip()]
+    return sorted(rows, key=lambda r: r["t"])
+
+
+def final_attempt_by_epoch(rows: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
+    """Per epoch, the records of the worker group that finished it: the world size of its last
+    record (a group replaced by a resize leaves records of steps that were redone)."""
+    by_epoch: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        by_epoch[r["epoch"]].append(r)
+    return {e: [r for r in rs if r["world"] == rs[-1]["world"]] for e, rs in sorted(by_epoch.items())}
+
+
+def assert_exactly_once(epoch: int, rows: list[dict[str, Any]], all_chips: set[str]) -> None:
+    world = rows[0]["world"]
+    batches = Counter(r["rank"] for r in rows)
+    assert sorted(batches) == list(range(world)), f"epoch {epoch}: ranks {sorted(batches)}"
+    assert len(set(batches.values())) == 1, f"epoch {epoch}: unequal batches per rank {dict(batches)}"
+    assert all(len(r["chips"]) == BATCH for r in rows)
+    seen = Counter(c for r in rows for c in r["chips"])
+    twice = [c for c, n in seen.items() if n > 1]
+    assert not twice, f"epoch {epoch}: chips read more than once: {twice[:10]}"
+    # 192 chips split evenly: equal=True drops nothing and every batch is full, so every chip is read
+    assert set(seen) == all_chips, f"epoch {epoch}: {len(all_chips - set(seen))} chips never read"
+    assert len({r["node"] for r in rows}) == world, f"epoch {epoch}: ranks shared a node"
+
+
+@pytest.fixture(scope="module")
+def three_node_cluster():
+    """A head node (1 CPU, for Ray Data) and three worker nodes with one ``node_slot`` each."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "object_store_memory": 96 * MiB, "include_dashboard": False})
+    for _ in range(3):
+        add_worker_node(cluster)
+    cluster.wait_for_nodes()
+    _forget_as_current_cluster(cluster.address)
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def add_worker_node(cluster) -> None:
+    cluster.add_node(num_cpus=1, resources={"node_slot": 1}, object_store_memory=96 * MiB)
+
+
+def _forget_as_current_cluster(address: str) -> None:
+    """See test_pretrain_multinode: a bare ``ray.init()`` elsewhere on this host must not join it."""
+    from ray._common.utils import get_ray_address_file
+
+    path = get_ray_address_file(None)
+    try:
+        with open(path) as f:
+            if f.read().strip() == address:
+                os.remove(path)
+    except OSError:
+        pass
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("four-node-data") / "chips")
+    manifest = write_unequal_shards(root)
+    return root, manifest
+
+
+def test_elastic_node_joins_between_epochs(three_node_cluster, dataset, tmp_path):
+    """3 ranks for epoch 0 (8 steps), a fourth node joins, 4 ranks for epoch 1 (6 steps)."""
+    from sarjepa_dist.train.runner import run_pretrain, run_uri
+
+    root, manifest = dataset
+    records = tmp_path / "records"
+    records.mkdir()
+    cfg = tiny_config(root, str(tmp_path / "runs"), "elastic", ray={"address": three_node_cluster.address},
+                      data={"batch_size": BATCH},
+                      train={"steps": 8 + 6, "num_workers": 4, "min_workers": 3,
+                             "elastic_resize_interval_s": 1.0, "checkpoint_every": 8, "log_every": 4})
+    hooks = [RecordChips(str(records)), HoldUntilWorld(world=4, after_step=8)]
+    box: dict[str, Any] = {}
+    fit = threading.Thread(target=lambda: box.update(result=_run(run_pretrain, cfg, hooks, box)), daemon=True)
+    fit.start()
+    # the fourth node joins once epoch 0's checkpoint exists (Cluster.add_node needs the main thread)
+    deadline = time.monotonic() + 180
+    while not _has_checkpoint(run_uri(cfg)) and fit.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    add_worker_node(three_node_cluster)
+    fit.join(timeout=240)
+    assert not fit.is_alive(), "the elastic run did not finish"
+    assert "error" not in box, box.get("error")
+    result = box["result"]
+    assert result.final_step == 14
+    assert_finite_losses(result.metrics_history)
+    assert result.metrics_history[-1]["world_size"] == 4 and result.metrics_history[-1]["ranks_in_sync"]
+
+    epochs = final_attempt_by_epoch(read_records(str(records)))
+    all_chips = {f"c{i:05d}" for i in range(manifest.num_chips)}
+    assert sorted(epochs) == [0, 1]
+    assert [epochs[e][0]["world"] for e in (0, 1)] == [3, 4]
+    for epoch, rows in epochs.items():
+        assert_exactly_once(epoch, rows, all_chips)
+    assert len({r["node"] for r in epochs[1]}) == 4
+
+
+def test_four_ranks_on_four_nodes_read_every_chip_once_per_epoch(three_node_cluster, dataset, tmp_path):
+    from sarjepa_dist.train.runner import run_pretrain
+
+    import ray
+
+    if sum(1 for n in ray.nodes() if n["Alive"] and n["Resources"].get("node_slot")) < 4:
+        add_worker_node(three_node_cluster)
+        three_node_cluster.wait_for_nodes()
+    root, manifest = dataset
+    records = tmp_path / "records"
+    records.mkdir()
+    cfg = tiny_config(root, str(tmp_path / "runs"), "four-node", ray={"address": three_node_cluster.address},
+                      data={"batch_size": BATCH},
+                      train={"steps": 2 * 6, "num_workers": 4, "checkpoint_every": 6, "log_every": 6})
+    result = run_pretrain(cfg, resources_per_worker={"node_slot": 1.0}, step_hooks=[RecordChips(str(records))])
+    assert result.final_step == 12
+    assert_finite_losses(result.metrics_history)
+    last = result.metrics_history[-1]
+    assert last["world_size"] == 4 and len(set(last["worker_nodes"])) == 4 and last["ranks_in_sync"]
+
+    rows = read_records(str(records))
+    epochs = final_attempt_by_epoch(rows)
+    assert sorted(epochs) == [0, 1]
+    assert all(len(rs) == len([r for r in rows if r["epoch"] == e]) for e, rs in epochs.items())  # no restarts
+    all_chips = {f"c{i:05d}" for i in range(manifest.num_chips)}
+    for epoch, rs in epochs.items():
+        assert len(rs) == 4 * 6
+        assert_exactly_once(epoch, rs, all_chips)
+
+
+def _run(run_pretrain, cfg, hooks, box):
+    try:
+        return run_pretrain(cfg, resources_per_worker={"node_slot": 1.0}, step_hooks=hooks)
+    except Exception as exc:  # reported by the test thread
+        box["error"] = repr(exc)
+        return None
+
+
+def _has_checkpoint(uri: str) -> bool:
+    try:
+        return any(d.rstrip("/").split("/")[-1].startswith("checkpoint_") for d in storage.list_dirs(uri))
+    except (OSError, FileNotFoundError):
+        return False
