@@ -208,6 +208,9 @@ def main() -> None:
         model, init_state, curve, train_s = pretrain(cfg, pool_chips, probe_set, probe_cfg, args.seed, name)
         results["variants"][name] = {"overrides": overrides, "curve": curve, "train_seconds": round(train_s, 1),
                                      "wall_seconds": round(time.time() - t0, 1)}
+        # the final evaluation encoder and its init, for later protocols without retraining
+        torch.save({"final": model.eval_encoder.state_dict(), "init": init_state, "overrides": overrides},
+                   out / f"encoder_{name}{'_' + args.tag if args.tag else ''}.pt")
         if args.no_report:
             continue
         amp_pool = center_resize(chips[split.pool], cfg.data.img_size)
