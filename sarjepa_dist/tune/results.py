@@ -52,9 +52,14 @@ def _number(v: Any) -> float | None:
 
 
 def rank_rows(rows: Sequence[dict[str, Any]], metric: str, mode: str) -> list[dict[str, Any]]:
-    """Best first by ``metric``; trials without a probe figure (errors) last, never dropped."""
+    """Best first: trials that ran furthest, then by ``metric``; trials without a probe figure
+    (errors) last, never dropped.
+
+    Steps come first because probe figures at different steps are not comparable: ASHA stopped a
+    shorter trial for trailing the others at its rung, whatever its figure says there.
+    """
     sign = -1.0 if mode == "max" else 1.0
-    return sorted(rows, key=lambda r: (r.get(metric) is None, sign * (r.get(metric) or 0.0)))
+    return sorted(rows, key=lambda r: (r.get(metric) is None, -r["steps"], sign * (r.get(metric) or 0.0)))
 
 
 def _fmt(v: Any) -> str:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from ray import tune
+from ray.tune.logger import JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -110,14 +111,19 @@ def _tuner(cfg: Config, axes: list, base_tree: dict[str, Any], step_hooks: Seque
         return tune.Tuner.restore(experiment_path, trainable, resume_errored=True, storage_filesystem=fs,
                                   param_space=space)
     tc = cfg.tune
+    # Tune applies this limit to a Searcher (Optuna) only; the variant generator takes it itself
+    limit = tc.max_concurrent_trials if tc.search_alg == "optuna" else None
     return tune.Tuner(
         trainable, param_space=space,
-        tune_config=tune.TuneConfig(num_samples=tc.num_samples, max_concurrent_trials=tc.max_concurrent_trials,
+        tune_config=tune.TuneConfig(num_samples=tc.num_samples, max_concurrent_trials=limit,
                                     search_alg=_search_alg(cfg), scheduler=_scheduler(cfg),
                                     trial_dirname_creator=_trial_dirname,
                                     metric=tc.metric, mode=tc.mode),
         run_config=tune.RunConfig(name=tc.name, storage_path=path, storage_filesystem=fs,
-                                  failure_config=tune.FailureConfig(max_failures=tc.max_failures)),
+                                  failure_config=tune.FailureConfig(max_failures=tc.max_failures),
+                                  # every result of every trial (the learning curves), even where
+                                  # TUNE_DISABLE_AUTO_CALLBACK_LOGGERS turns Tune's own loggers off
+                                  callbacks=[JsonLoggerCallback()]),
     )
 
 
@@ -143,7 +149,7 @@ def _search_alg(cfg: Config) -> Any:
             raise ConfigError("tune.search_alg = optuna needs the optuna package: "
                               "pip install 'sarjepa-dist[optuna]'") from exc
         return OptunaSearch(seed=cfg.tune.seed)  # TPE, Optuna's default sampler
-    return BasicVariantGenerator(random_state=cfg.tune.seed)
+    return BasicVariantGenerator(max_concurrent=cfg.tune.max_concurrent_trials, random_state=cfg.tune.seed)
 
 
 def _row(res: Any, cfg: Config) -> dict[str, Any]:

@@ -58,19 +58,16 @@ class ScriptedProbe:
 
 @dataclass(frozen=True)
 class FailTrial:
-    """Step hook: the trial with ``train.seed == seed`` fails after ``step``; every time, or
-    (``marker`` set) only the first time, the marker file recording it."""
+    """Step hook: the trial with ``train.seed == seed`` fails after ``step``, every attempt, each
+    failure appended to the file ``record``."""
 
     seed: int
     step: int
-    marker: str | None = None
+    record: str
 
     def __call__(self, view: StepView) -> None:
         if view.cfg.train.seed != self.seed or view.step != self.step or view.rank != 0:
             return
-        if self.marker is not None:
-            if os.path.exists(self.marker):
-                return
-            with open(self.marker, "w") as f:
-                f.write(f"failed once at step {view.step}\n")
+        with open(self.record, "a") as f:
+            f.write(f"failed at step {view.step}\n")
         raise RuntimeError(f"injected trial failure at step {view.step} (train.seed {self.seed})")

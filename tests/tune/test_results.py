@@ -39,7 +39,10 @@ def test_a_row_says_how_far_the_trial_got_and_why_it_stopped():
 def test_trials_rank_by_the_probe_and_errors_come_last_in_every_format():
     ranked = rank_rows(_rows(), "probe_knn", "max")
     assert [r["trial_id"] for r in ranked] == ["t3", "t0", "t1", "t2"]
-    assert [r["trial_id"] for r in rank_rows(_rows(), "probe_knn", "min")] == ["t1", "t0", "t3", "t2"]
+    assert [r["trial_id"] for r in rank_rows(_rows(), "probe_knn", "min")] == ["t0", "t3", "t1", "t2"]
+    early_high = trial_row("t4", "r", {"optim.lr": 1.0}, _history([2, 4], [0.9, 0.95]), None, "probe_knn", 8, "asha")
+    assert rank_rows([early_high, *_rows()], "probe_knn", "max")[0]["trial_id"] == "t3", \
+        "a figure at an earlier rung does not outrank the trials that ran to the end"
     cells = table_cells(ranked, ["optim.lr"], "probe_knn")
     assert cells[0] == ["rank", "trial", "optim.lr", "probe_knn", "steps", "stopped", "error"]
     assert cells[1][:6] == ["1", "t3", "0.002", "0.7000", "8", "completed"]

@@ -37,9 +37,11 @@ def test_an_interrupted_sweep_resumes_from_its_storage_path(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "sarjepa_dist.cli", "sweep", "--config", str(config)], env=env)
     try:
         deadline = time.time() + 240
-        while not list(Path(runs).glob("resume-*/checkpoint_*")) and time.time() < deadline:
-            time.sleep(1)
-        assert list(Path(runs).glob("resume-*/checkpoint_*")), "no trial checkpointed"
+        # Ray Train's index of the trial's checkpoints: written once a checkpoint is registered
+        snapshot = "resume-*/checkpoint_manager_snapshot.json"
+        while not list(Path(runs).glob(snapshot)) and time.time() < deadline:
+            time.sleep(0.5)
+        assert list(Path(runs).glob(snapshot)), "no trial checkpointed"
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=120)
     finally:
