@@ -156,7 +156,7 @@ def _add_cluster_parsers(sub: argparse._SubParsersAction, verbose: argparse.Argu
 
 def _add_demo_parser(sub: argparse._SubParsersAction, verbose: argparse.ArgumentParser) -> None:
     p = sub.add_parser("demo", parents=[verbose],
-                       help="the whole path on built-in data: synth → pretrain → sweep → few-shot")
+                       help="the whole path on built-in data: synth → sweep → best point pretrained → few-shot")
     p.add_argument("--out", default="demo_out", help="where data, runs and reports go")
     p.add_argument("--quick", action="store_true", help="smallest settings (smoke test)")
 
