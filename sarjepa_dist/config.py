@@ -429,6 +429,7 @@ class PipelineConfig:
 
     name: str = ""  # the full run's train.name; "": <tune.name>-best
     steps: int = 1000  # train.steps of the full run (the sweep's trials run train.steps)
+    probe_every: int | None = None  # probe.every of the full run; None: the sweep's probe.every
     # what the chosen encoder is compared with in the few-shot report (fewshot.encoders entries)
     compare: list[str] = field(default_factory=lambda: ["random-init"])
     out: str = ""  # where the best config, pipeline.json and the sweep's copies go; "": fewshot.out
@@ -437,6 +438,8 @@ class PipelineConfig:
         if "/" in self.name:
             raise ConfigError(f"{p}.name = {self.name!r} must be a name without '/'")
         check_range(f"{p}.steps", self.steps, 1)
+        if self.probe_every is not None:
+            check_range(f"{p}.probe_every", self.probe_every, 0)
 
 
 @dataclass

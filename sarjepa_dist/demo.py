@@ -30,9 +30,9 @@ log = logging.getLogger(__name__)
 
 def demo_config(data_uri: str, runs_uri: str, report_dir: str, quick: bool) -> Config:
     """The demo's settings: a small ViT on 32 px synthetic chips, a short CPU budget: four sweep
-    trials of a third of the full run, then the best point for the full run."""
+    trials of a fifth of the full run each, then the best point for the full run."""
     steps = 40 if quick else 300
-    trial_steps = steps // 3
+    trial_steps = max(steps // 5, 10)
     tree: dict[str, Any] = {
         "ray": {"num_cpus": 4},
         "data": {"path": data_uri, "img_size": 32, "batch_size": 32, "shuffle_buffer": 256,
@@ -48,16 +48,15 @@ def demo_config(data_uri: str, runs_uri: str, report_dir: str, quick: bool) -> C
         # train.steps is each sweep trial's budget; pipeline.steps the full run's
         "train": {"storage_path": runs_uri, "steps": trial_steps, "checkpoint_every": max(steps // 2, 10),
                   "log_every": max(steps // 30, 5), "num_workers": 1, "cpus_per_worker": 1},
-        # the online few-shot probe: ASHA's figure in the sweep (rungs at 1/4 and 1/2 of a trial) and
-        # the full run's learning curve in demo_out/curves.png (each probe of these 400 chips costs
-        # about two steps)
+        # the online few-shot probe: ASHA's figure in the sweep (rungs at 1/4 and 1/2 of a trial);
+        # the full run probes every third of its steps (pipeline.probe_every) for demo_out/curves.png
         "probe": {"every": max(trial_steps // 4, 5), "shots": 5, "episodes": 3, "max_per_class": 40,
                   "pooling": "grid4"},
         "tune": {"name": "demo-sweep", "storage_path": runs_uri, "max_concurrent_trials": 2,
                  "scheduler": "asha", "reduction_factor": 2,
                  "search": {"mask.target_scale": {"grid": [[0.1, 0.15], [0.15, 0.25]]},
                             "optim.ema[0]": {"grid": [0.99, 0.996]}}},
-        "pipeline": {"name": "demo-pretrain", "steps": steps,
+        "pipeline": {"name": "demo-pretrain", "steps": steps, "probe_every": max(steps // 3, 10),
                      "compare": ["random-init", "raw-pixels", "gradient-maps"], "out": report_dir},
         "fewshot": {"data": data_uri, "split_column": "depression_deg", "train_values": [17.0],
                     "test_values": [15.0], "shots": [1, 5, 10] if quick else [1, 2, 5, 10, 20],

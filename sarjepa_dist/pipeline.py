@@ -2,7 +2,8 @@
 
 One Ray session for the three stages. The sweep (``tune.*``, trials of ``train.steps``) writes its
 table, plot and ``best.yaml``; the full run pretrains that configuration for ``pipeline.steps``
-under ``pipeline.name`` (default ``<tune.name>-best``), so relaunching resumes it like any
+under ``pipeline.name`` (default ``<tune.name>-best``; its probe every ``pipeline.probe_every``
+steps, default the sweep's ``probe.every``), so relaunching resumes it like any
 pretraining; the few-shot report compares its latest checkpoint with ``pipeline.compare``.
 ``pipeline.json`` records the chain: dataset id → sweep and best trial → run and checkpoint →
 report (each checkpoint and report also carries the dataset id itself).
@@ -40,11 +41,13 @@ class PipelineResult:
     record_uri: str  # pipeline.json
 
 
-def best_run_config(sweep: SweepResult, steps: int) -> Config:
+def best_run_config(sweep: SweepResult, steps: int, probe_every: int | None) -> Config:
     if sweep.best_config is None:
         raise NoBestTrial(f"no trial of sweep {sweep.name} reported a probe figure; "
                           f"see {storage.redact(sweep.outputs['sweep.md'])} for their errors")
     tree = {**sweep.best_config, "train": {**sweep.best_config["train"], "steps": steps}}
+    if probe_every is not None:
+        tree["probe"] = {**tree["probe"], "every": probe_every}
     return config_from_dict(tree)
 
 
@@ -60,7 +63,7 @@ def run_pipeline(cfg: Config, *, step_hooks: Sequence[StepHook] = ()) -> Pipelin
     out = cfg.pipeline.out or cfg.fewshot.out
     with ray_session(cfg.ray, cfg.storage):
         sweep = run_sweep(cfg, step_hooks=step_hooks)
-        full = best_run_config(sweep, cfg.pipeline.steps)
+        full = best_run_config(sweep, cfg.pipeline.steps, cfg.pipeline.probe_every)
         log.info("pretraining the best point as %s for %d steps", full.train.name, full.train.steps)
         run = run_pretrain(full)
         tree = full.to_dict()

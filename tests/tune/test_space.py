@@ -96,3 +96,18 @@ def test_the_sweep_needs_the_probe_it_stops_and_ranks_by():
         check_sweep(config_from_dict({**base, "probe": {"every": 50}, "train": {"steps": 20}}))
     with pytest.raises(ConfigError, match="the sweep has no axes"):
         check_sweep(config_from_dict({"data": {"path": "x"}, "probe": {"every": 5}}))
+
+
+def test_optuna_tpe_samples_the_space_within_its_bounds():
+    pytest.importorskip("optuna")
+    from sarjepa_dist.tune.sweep import _search_alg
+
+    cfg = _cfg(search_alg="optuna", seed=3,
+               search={"optim.lr": {"loguniform": [1e-4, 1e-3]}, "optim.ema[0]": {"uniform": [0.99, 0.999]},
+                       "mask.num_target_blocks": {"randint": [2, 5]}, "data.conditioning": {"choice": ["log", "db"]}})
+    searcher = _search_alg(cfg)
+    assert searcher.set_search_properties(cfg.tune.metric, cfg.tune.mode, param_space(sweep_axes(cfg.tune)))
+    for i in range(4):
+        point = searcher.suggest(f"t{i}")
+        assert 1e-4 <= point["optim.lr"] <= 1e-3 and 0.99 <= point["optim.ema[0]"] <= 0.999
+        assert point["mask.num_target_blocks"] in (2, 3, 4) and point["data.conditioning"] in ("log", "db")

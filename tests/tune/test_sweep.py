@@ -3,6 +3,7 @@ outputs are tested through the pipeline: tests/tune/test_pipeline_run.py)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -48,6 +49,8 @@ def test_an_interrupted_sweep_resumes_from_its_storage_path(tmp_path):
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
             proc.wait(timeout=60)
+    interrupted = json.loads((Path(runs) / "resume" / "sweep.json").read_text())["trials"]
+    assert [t["stopped"] for t in interrupted] == ["unfinished (relaunch the sweep to resume it)"]
     from sarjepa_dist.tune import run_sweep
 
     result = run_sweep(load_config(config))
