@@ -17,22 +17,18 @@ from sarjepa_dist import storage
 COMPLETED = "completed"
 STOPPED_EARLY = "stopped early by ASHA"
 STOPPED = "stopped before train.steps"
-UNFINISHED = "unfinished (relaunch the sweep to resume it)"
 ERROR = "error"
 # sections a trial's config carries that a pretraining does not need
 _SWEEP_ONLY_SECTIONS = ("tune", "pipeline")
 
 
 def trial_row(trial_id: str, run_uri: str, point: dict[str, Any], history: list[dict[str, Any]],
-              error: str | None, metric: str, total_steps: int, scheduler: str, finished: bool = True
-              ) -> dict[str, Any]:
+              error: str | None, metric: str, total_steps: int, scheduler: str) -> dict[str, Any]:
     """One trial: its point, last probe figure, steps run, why it ended and its learning curve."""
     steps = max((int(r["step"]) for r in history if r.get("step") is not None), default=0)
     probed = [r for r in history if _number(r.get(metric)) is not None]
     if error is not None:
         why = ERROR
-    elif not finished:
-        why = UNFINISHED
     elif steps >= total_steps:
         why = COMPLETED
     else:

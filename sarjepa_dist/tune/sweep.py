@@ -81,10 +81,7 @@ def run_sweep(cfg: Config, *, step_hooks: Sequence[StepHook] = ()) -> SweepResul
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     with ray_session(cfg.ray, cfg.storage), tune_withholds_credentials():
         grid = _tuner(cfg, axes, base_tree, step_hooks).fit()
-    # A sweep interrupted (Ctrl-C) returns its unfinished trials too; Tune's trial states say which.
-    analysis = getattr(grid, "_experiment_analysis", None)
-    unfinished = {t.trial_id for t in getattr(analysis, "trials", []) if t.status not in ("TERMINATED", "ERROR")}
-    rows = rank_rows([_row(res, cfg, unfinished) for res in grid], cfg.tune.metric, cfg.tune.mode)
+    rows = rank_rows([_row(res, cfg) for res in grid], cfg.tune.metric, cfg.tune.mode)
     best = next((r for r in rows if r.get(cfg.tune.metric) is not None), None)
     best_tree = None
     if best is not None:
@@ -155,7 +152,7 @@ def _search_alg(cfg: Config) -> Any:
     return BasicVariantGenerator(max_concurrent=cfg.tune.max_concurrent_trials, random_state=cfg.tune.seed)
 
 
-def _row(res: Any, cfg: Config, unfinished: set[str]) -> dict[str, Any]:
+def _row(res: Any, cfg: Config) -> dict[str, Any]:
     trial_id = os.path.basename(res.path.rstrip("/"))  # _trial_dirname: the trial id
     history = [] if res.metrics_dataframe is None else res.metrics_dataframe.to_dict("records")
     if not history and res.metrics:
@@ -163,4 +160,4 @@ def _row(res: Any, cfg: Config, unfinished: set[str]) -> dict[str, Any]:
     error = None if res.error is None else (str(res.error).strip().splitlines() or ["error"])[-1][:300]
     run = storage.join(cfg.train.storage_path, trial_run_name(cfg.tune.name, trial_id))
     return trial_row(trial_id, run, dict(res.config or {}), history, error, cfg.tune.metric,
-                     cfg.train.steps, cfg.tune.scheduler, finished=trial_id not in unfinished)
+                     cfg.train.steps, cfg.tune.scheduler)

@@ -50,7 +50,7 @@ def test_an_interrupted_sweep_resumes_from_its_storage_path(tmp_path):
             proc.send_signal(signal.SIGINT)
             proc.wait(timeout=60)
     interrupted = json.loads((Path(runs) / "resume" / "sweep.json").read_text())["trials"]
-    assert [t["stopped"] for t in interrupted] == ["unfinished (relaunch the sweep to resume it)"]
+    assert interrupted[0]["steps"] < 24, "the first launch was stopped mid-trial"
     from sarjepa_dist.tune import run_sweep
 
     result = run_sweep(load_config(config))
