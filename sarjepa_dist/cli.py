@@ -126,7 +126,11 @@ def _add_train_parsers(sub: argparse._SubParsersAction, verbose: argparse.Argume
 
 
 def _add_eval_parsers(sub: argparse._SubParsersAction, verbose: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("sweep", parents=[verbose], help="Ray Tune sweep over masking / EMA settings")
+    p = sub.add_parser("sweep", parents=[verbose],
+                       help="Ray Tune sweep over any config keys, stopped early (ASHA) on the online probe")
+    _config_args(p)
+    p = sub.add_parser("pipeline", parents=[verbose],
+                       help="sweep → full pretraining with the best point → few-shot report")
     _config_args(p)
     p = sub.add_parser("fewshot", parents=[verbose], help="few-shot evaluation of encoders")
     _config_args(p)
@@ -156,7 +160,7 @@ def _add_cluster_parsers(sub: argparse._SubParsersAction, verbose: argparse.Argu
 
 def _add_demo_parser(sub: argparse._SubParsersAction, verbose: argparse.ArgumentParser) -> None:
     p = sub.add_parser("demo", parents=[verbose],
-                       help="the whole path on built-in data: synth → pretrain → sweep → few-shot")
+                       help="the whole path on built-in data: synth → sweep → best point pretrained → few-shot")
     p.add_argument("--out", default="demo_out", help="where data, runs and reports go")
     p.add_argument("--quick", action="store_true", help="smallest settings (smoke test)")
 
@@ -310,7 +314,18 @@ def _pretrain(cfg: Config) -> str:
 def _sweep(cfg: Config) -> str:
     from sarjepa_dist.tune import run_sweep
 
-    return f"sweep table: {run_sweep(cfg).table_uri}"
+    result = run_sweep(cfg)
+    return result.table_text + "\n" + "\n".join(f"{name}: {storage.redact(uri)}" for name, uri in result.outputs.items())
+
+
+@_with_config
+def _pipeline(cfg: Config) -> str:
+    from sarjepa_dist.pipeline import run_pipeline
+
+    result = run_pipeline(cfg)
+    return (f"{result.sweep.table_text}\nbest configuration: {storage.redact(result.sweep.outputs['best.yaml'])}\n"
+            f"full run ({result.best_config.train.steps} steps): {storage.redact(result.checkpoint)}\n"
+            f"few-shot report: {storage.redact(result.report_uri)}\npipeline record: {storage.redact(result.record_uri)}")
 
 
 @_with_config
@@ -346,7 +361,7 @@ def _demo(args: argparse.Namespace, command_line: list[str]) -> int:
 _HANDLERS: dict[str, _Handler] = {
     "ingest": _ingest, "synth": _synth, "inspect": _inspect,
     "pretrain": _pretrain, "export": _export,
-    "sweep": _sweep, "fewshot": _fewshot,
+    "sweep": _sweep, "pipeline": _pipeline, "fewshot": _fewshot,
     "submit": _submit, "jobs": _jobs,
     "demo": _demo,
 }

@@ -361,24 +361,106 @@ class ProbeConfig:
         check_choice(f"{p}.pooling", self.pooling, FEATURE_POOLINGS)
 
 
+# tune.search samplers -> how many arguments each takes (Ray Tune's sampling API, sarjepa_dist/tune/space.py):
+# grid/choice take a list of values; the others [low, high] or [low, high, q]. randint/lograndint
+# exclude high (as Ray does); qrandint includes it.
+SEARCH_SAMPLERS: dict[str, tuple[int, ...]] = {
+    "grid": (), "choice": (), "uniform": (2,), "quniform": (3,), "loguniform": (2,), "qloguniform": (3,),
+    "randint": (2,), "qrandint": (3,), "lograndint": (2,),
+}
+SEARCH_ALGS = ("random", "optuna")  # random: Ray Tune's grid/random variant generator; optuna: TPE
+TUNE_SCHEDULERS = ("asha", "none")
+
+
+def _check_axis(key: str, spec: Any) -> None:
+    """One search axis: ``{sampler: args}``, or a bare list (a grid)."""
+    if isinstance(spec, list):
+        spec = {"grid": spec}
+    if not isinstance(spec, dict) or len(spec) != 1:
+        raise ConfigError(f"{key} = {spec!r} must be one sampler and its arguments, e.g. "
+                          f"{{loguniform: [1e-4, 3e-3]}}; samplers: {list(SEARCH_SAMPLERS)}")
+    (sampler, args), = spec.items()
+    check_choice(f"{key} sampler", sampler, SEARCH_SAMPLERS)
+    if not isinstance(args, list) or not args:
+        raise ConfigError(f"{key}.{sampler} = {args!r} must be a non-empty list")
+    arity = SEARCH_SAMPLERS[sampler]
+    if arity and len(args) not in arity:
+        raise ConfigError(f"{key}.{sampler} = {args!r} takes {arity[0]} numbers "
+                          f"({'[low, high]' if arity[0] == 2 else '[low, high, q]'})")
+    if arity:
+        if any(isinstance(a, bool) or not isinstance(a, (int, float)) for a in args):
+            raise ConfigError(f"{key}.{sampler} = {args!r} must be numbers")
+        if args[0] >= args[1]:
+            raise ConfigError(f"{key}.{sampler} = {args!r} needs low < high")
+        if sampler.endswith("loguniform") or sampler == "lograndint":
+            check_range(f"{key}.{sampler}[0]", args[0], 0, lo_open=True)
+        if sampler in ("randint", "qrandint", "lograndint") and not all(isinstance(a, int) for a in args):
+            raise ConfigError(f"{key}.{sampler} = {args!r} must be integers")
+
+
 @dataclass
 class TuneConfig:
-    name: str = "sarjepa-sweep"
+    name: str = "sarjepa-sweep"  # relaunching with the same name and storage_path resumes the sweep
     storage_path: str = "runs"
-    num_samples: int = 1
+    num_samples: int = 1  # draws of the sampled axes (each grid combination is run num_samples times)
     max_concurrent_trials: int = 1
-    metric: str = "fewshot_acc"  # what the sweep ranks trials by
+    # the online probe figure trials are stopped and ranked by: probe_<method> of probe.methods
+    metric: str = "probe_knn"
     mode: str = "max"
-    # grid axes: dotted config keys -> list of values, e.g. {"mask.target_scale": [[0.1, 0.15], [0.15, 0.2]]}
+    # search axes: dotted config key (a pair's element as key[0] / key[1]) -> {sampler: args}, e.g.
+    # {"optim.lr": {"loguniform": [1e-4, 3e-3]}, "mask.target_scale": {"choice": [[0.1, 0.15], [0.15, 0.2]]}}
+    search: dict[str, Any] = field(default_factory=dict)
+    # grid axes (the older form, same as {grid: [...]} in search): dotted key -> list of values
     grid: dict[str, list[Any]] = field(default_factory=dict)
+    search_alg: str = "random"  # SEARCH_ALGS
+    scheduler: str = "asha"  # TUNE_SCHEDULERS: asha stops trials whose probe trails at a rung
+    grace_period: int | None = None  # steps before ASHA may stop a trial; None: probe.every
+    reduction_factor: float = 2.0  # ASHA keeps the best 1/reduction_factor at each rung
+    max_failures: int = 1  # retries of a failed trial (it resumes from its own checkpoint)
+    seed: int | None = 0  # of the random/TPE sampler; None: a fresh draw each launch
 
     def validate(self, p: str = "tune") -> None:
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"{p}.name = {self.name!r} must be a non-empty name without '/'")
         check_range(f"{p}.num_samples", self.num_samples, 1)
         check_range(f"{p}.max_concurrent_trials", self.max_concurrent_trials, 1)
         check_choice(f"{p}.mode", self.mode, TUNE_MODES)
+        if not self.metric.startswith("probe_"):
+            raise ConfigError(f"{p}.metric = {self.metric!r}: a sweep stops and ranks trials by the online "
+                              f"probe, never by the JEPA loss; use probe_<method> for a method in "
+                              f"probe.methods, e.g. probe_knn")
         for key, values in self.grid.items():
             if not isinstance(values, list) or not values:
                 raise ConfigError(f"{p}.grid.{key} must be a non-empty list of values")
+            if key in self.search:
+                raise ConfigError(f"{key} is both in {p}.grid and {p}.search; keep one")
+        for key, spec in self.search.items():
+            _check_axis(f"{p}.search.{key}", spec)
+        check_choice(f"{p}.search_alg", self.search_alg, SEARCH_ALGS)
+        check_choice(f"{p}.scheduler", self.scheduler, TUNE_SCHEDULERS)
+        if self.grace_period is not None:
+            check_range(f"{p}.grace_period", self.grace_period, 1)
+        check_range(f"{p}.reduction_factor", self.reduction_factor, 1.0, lo_open=True)
+        check_range(f"{p}.max_failures", self.max_failures, -1)
+
+
+@dataclass
+class PipelineConfig:
+    """``sarjepa pipeline``: sweep, then a full pretraining with the best point, then a few-shot report."""
+
+    name: str = ""  # the full run's train.name; "": <tune.name>-best
+    steps: int = 1000  # train.steps of the full run (the sweep's trials run train.steps)
+    probe_every: int | None = None  # probe.every of the full run; None: the sweep's probe.every
+    # what the chosen encoder is compared with in the few-shot report (fewshot.encoders entries)
+    compare: list[str] = field(default_factory=lambda: ["random-init"])
+    out: str = ""  # where the best config, pipeline.json and the sweep's copies go; "": fewshot.out
+
+    def validate(self, p: str = "pipeline") -> None:
+        if "/" in self.name:
+            raise ConfigError(f"{p}.name = {self.name!r} must be a name without '/'")
+        check_range(f"{p}.steps", self.steps, 1)
+        if self.probe_every is not None:
+            check_range(f"{p}.probe_every", self.probe_every, 0)
 
 
 @dataclass
@@ -438,6 +520,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     fewshot: FewshotConfig = field(default_factory=FewshotConfig)
 
     def validate(self) -> "Config":
@@ -575,7 +658,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 def merge_tree(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in overrides.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "grid":
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in ("grid", "search"):
             out[k] = merge_tree(out[k], v)
         else:
             out[k] = v

@@ -29,7 +29,7 @@ from sarjepa_dist.errors import JobRefusedError
 
 log = logging.getLogger(__name__)
 
-COMMANDS = ("pretrain", "sweep", "fewshot", "inspect")
+COMMANDS = ("pretrain", "sweep", "pipeline", "fewshot", "inspect")
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # fewshot.encoders entries that name no path (sarjepa_dist.fewshot.sources resolves them)
@@ -87,17 +87,20 @@ class JobSpec:
 def storage_paths(cfg: Config, command: str, args: list[str]) -> dict[str, str]:
     """The config's data and output locations that ``command`` reads or writes, by dotted key."""
     paths: dict[str, str] = {}
-    if command in ("pretrain", "sweep"):
+    if command in ("pretrain", "sweep", "pipeline"):
         paths["data.path"] = cfg.data.path
         paths["train.storage_path"] = cfg.train.storage_path
-    if command == "sweep":
+        paths["probe.data"] = cfg.probe.data or ""
+    if command in ("sweep", "pipeline"):
         paths["tune.storage_path"] = cfg.tune.storage_path
-    if command in ("sweep", "fewshot"):
+    if command in ("pipeline", "fewshot"):
         paths["fewshot.data"] = cfg.fewshot.data
         if cfg.fewshot.test_data:
             paths["fewshot.test_data"] = cfg.fewshot.test_data
-    if command == "fewshot":
         paths["fewshot.out"] = cfg.fewshot.out
+    if command == "pipeline":
+        paths["pipeline.out"] = cfg.pipeline.out
+    if command == "fewshot":
         for i, enc in enumerate(cfg.fewshot.encoders):
             if enc not in NON_PATH_ENCODERS:
                 paths[f"fewshot.encoders[{i}]"] = enc

@@ -1,0 +1,163 @@
+"""``run_sweep``: the Tuner over the search space, its scheduler and search algorithm, and the outputs.
+
+Trials run concurrently up to ``tune.max_concurrent_trials`` (the trial driver claims 0.01 CPU;
+its TorchTrainer's workers and Ray Data claim the rest). ASHA stops trials on the online probe
+(``tune.metric``, reported every ``probe.every`` steps), never on the JEPA loss: losses are not
+comparable across mask settings and a collapsing run has the lowest. A failed trial is retried
+``tune.max_failures`` times from its own checkpoint, then reported with its error. Relaunching a
+sweep with the same ``tune.name`` and ``tune.storage_path`` resumes it: finished trials are kept,
+unfinished and failed ones continue from their checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from ray import tune
+from ray.tune.logger import JsonLoggerCallback
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
+
+from sarjepa_dist import storage
+from sarjepa_dist.cluster import ray_session
+from sarjepa_dist.config import Config, ConfigError
+from sarjepa_dist.data.shards import read_manifest
+from sarjepa_dist.train.loop import StepHook
+from sarjepa_dist.train.probe_hook import check_probe_data
+from sarjepa_dist.tune.results import rank_rows, table_cells, format_text, trial_row, write_sweep_outputs
+from sarjepa_dist.tune.space import apply_point, check_search_alg, check_space, param_space, sweep_axes
+from sarjepa_dist.tune.trial import run_trial, trial_run_name, tune_withholds_credentials
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SweepResult:
+    name: str
+    root: str  # <tune.storage_path>/<tune.name>: Tune's experiment and the outputs below
+    table_uri: str  # sweep.json
+    outputs: dict[str, str]  # sweep.json/.md/.csv/.png and best.yaml -> URI
+    rows: list[dict[str, Any]]  # ranked best first
+    best: dict[str, Any] | None
+    best_config: dict[str, Any] | None  # the best trial's config tree (train.name: <tune.name>-best)
+    table_text: str  # the ranked table as printed
+
+
+def check_sweep(cfg: Config) -> list:
+    """Everything a sweep can be refused for, before Ray starts; returns its axes."""
+    if cfg.probe.every <= 0:
+        raise ConfigError("probe.every = 0: a sweep stops and ranks trials by the online probe; set "
+                          "probe.every (steps between probes) and a labelled probe.data")
+    method = cfg.tune.metric[len("probe_"):]
+    if method not in cfg.probe.methods:
+        raise ConfigError(f"tune.metric = {cfg.tune.metric!r} is not reported: probe.methods = "
+                          f"{cfg.probe.methods}; use probe_{cfg.probe.methods[0]} or add {method!r}")
+    grace = cfg.tune.grace_period or cfg.probe.every
+    if cfg.tune.scheduler == "asha" and grace > cfg.train.steps:
+        raise ConfigError(f"tune.grace_period = {grace} (default: probe.every) exceeds train.steps = "
+                          f"{cfg.train.steps}: ASHA could never stop a trial; lower it")
+    if not cfg.data.path:
+        raise ConfigError("data.path is empty: give the shard dataset the trials pretrain on (local path or s3://)")
+    axes = sweep_axes(cfg.tune)
+    check_space(axes, cfg)
+    check_search_alg(axes, cfg.tune)
+    return axes
+
+
+def run_sweep(cfg: Config, *, step_hooks: Sequence[StepHook] = ()) -> SweepResult:
+    """Run (or resume) the sweep ``cfg.tune.name``; ``step_hooks`` join every trial's train loop."""
+    axes = check_sweep(cfg)
+    # The datasets are read before Ray starts: a wrong path fails now, not once in every trial.
+    storage.configure(cfg.storage.endpoint_url, cfg.storage.region)
+    manifest = read_manifest(cfg.data.path)
+    check_probe_data(cfg)
+    base_tree = cfg.to_dict()
+    root = storage.join(cfg.tune.storage_path, cfg.tune.name)
+    # ASHA acts on results that carry the probe; reports before the first probe lack it, which
+    # Tune's strict metric check would otherwise call a bug.
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    with ray_session(cfg.ray, cfg.storage), tune_withholds_credentials():
+        grid = _tuner(cfg, axes, base_tree, step_hooks).fit()
+    rows = rank_rows([_row(res, cfg) for res in grid], cfg.tune.metric, cfg.tune.mode)
+    best = next((r for r in rows if r.get(cfg.tune.metric) is not None), None)
+    best_tree = None
+    if best is not None:
+        best_tree = apply_point(base_tree, best["params"])
+        best_tree["train"]["name"] = cfg.pipeline.name or f"{cfg.tune.name}-best"
+    keys = [a.key for a in axes]
+    summary = {"name": cfg.tune.name, "metric": cfg.tune.metric, "mode": cfg.tune.mode,
+               "scheduler": cfg.tune.scheduler, "search_alg": cfg.tune.search_alg,
+               "axes": {a.key: {a.sampler: list(a.args)} for a in axes}, "dataset_id": manifest.dataset_id,
+               "dataset": cfg.data.path, "trials": rows, "best": best, "base_config": base_tree}
+    outputs = write_sweep_outputs(root, summary, keys, best_tree)
+    return SweepResult(cfg.tune.name, root, outputs["sweep.json"], outputs, rows, best, best_tree,
+                       format_text(table_cells(rows, keys, cfg.tune.metric)))
+
+
+def _tuner(cfg: Config, axes: list, base_tree: dict[str, Any], step_hooks: Sequence[StepHook]) -> tune.Tuner:
+    """A Tuner over the search space, or the sweep of the same name restored from storage."""
+    fs, path = storage.resolve(cfg.tune.storage_path)
+    space = param_space(axes)
+    trainable = tune.with_parameters(run_trial, sweep_name=cfg.tune.name, base=base_tree,
+                                     step_hooks=list(step_hooks))
+    # The trial driver itself is light; its TorchTrainer workers and Ray Data claim the CPUs.
+    trainable = tune.with_resources(trainable, {"CPU": 0.01})
+    experiment_path = f"{path}/{cfg.tune.name}"
+    if tune.Tuner.can_restore(experiment_path, storage_filesystem=fs):
+        log.info("resuming sweep %s from %s", cfg.tune.name, storage.redact(experiment_path))
+        return tune.Tuner.restore(experiment_path, trainable, resume_errored=True, storage_filesystem=fs,
+                                  param_space=space)
+    tc = cfg.tune
+    # Tune applies this limit to a Searcher (Optuna) only; the variant generator takes it itself
+    limit = tc.max_concurrent_trials if tc.search_alg == "optuna" else None
+    return tune.Tuner(
+        trainable, param_space=space,
+        tune_config=tune.TuneConfig(num_samples=tc.num_samples, max_concurrent_trials=limit,
+                                    search_alg=_search_alg(cfg), scheduler=_scheduler(cfg),
+                                    trial_dirname_creator=_trial_dirname,
+                                    metric=tc.metric, mode=tc.mode),
+        run_config=tune.RunConfig(name=tc.name, storage_path=path, storage_filesystem=fs,
+                                  failure_config=tune.FailureConfig(max_failures=tc.max_failures),
+                                  # every result of every trial (the learning curves), even where
+                                  # TUNE_DISABLE_AUTO_CALLBACK_LOGGERS turns Tune's own loggers off
+                                  callbacks=[JsonLoggerCallback()]),
+    )
+
+
+def _trial_dirname(trial: Any) -> str:
+    return trial.trial_id
+
+
+def _scheduler(cfg: Config) -> ASHAScheduler | None:
+    if cfg.tune.scheduler != "asha":
+        return None
+    # time is the trial's optimiser step (every report carries it), so rungs are step counts
+    return ASHAScheduler(time_attr="step", max_t=cfg.train.steps,
+                         grace_period=cfg.tune.grace_period or cfg.probe.every,
+                         reduction_factor=cfg.tune.reduction_factor)
+
+
+def _search_alg(cfg: Config) -> Any:
+    if cfg.tune.search_alg == "optuna":
+        try:
+            import optuna  # noqa: F401 - only to say what is missing
+            from ray.tune.search.optuna import OptunaSearch
+        except ImportError as exc:
+            raise ConfigError("tune.search_alg = optuna needs the optuna package: "
+                              "pip install 'sarjepa-dist[optuna]'") from exc
+        return OptunaSearch(seed=cfg.tune.seed)  # TPE, Optuna's default sampler
+    return BasicVariantGenerator(max_concurrent=cfg.tune.max_concurrent_trials, random_state=cfg.tune.seed)
+
+
+def _row(res: Any, cfg: Config) -> dict[str, Any]:
+    trial_id = os.path.basename(res.path.rstrip("/"))  # _trial_dirname: the trial id
+    history = [] if res.metrics_dataframe is None else res.metrics_dataframe.to_dict("records")
+    if not history and res.metrics:
+        history = [res.metrics]
+    error = None if res.error is None else (str(res.error).strip().splitlines() or ["error"])[-1][:300]
+    run = storage.join(cfg.train.storage_path, trial_run_name(cfg.tune.name, trial_id))
+    return trial_row(trial_id, run, dict(res.config or {}), history, error, cfg.tune.metric,
+                     cfg.train.steps, cfg.tune.scheduler)
