@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+import pyarrow.parquet as pq
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,6 +36,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_pipeline import write_archive  # noqa: E402
 from sarjepa_dist.config import Config, DataConfig, ModelConfig  # noqa: E402
+from sarjepa_dist.data import shards  # noqa: E402
 from sarjepa_dist.fewshot.compute import build_model  # noqa: E402
 from sarjepa_dist.fewshot.extract import extract_features, extract_local  # noqa: E402
 from sarjepa_dist.fewshot.sources import FeatureSource, encoder_source  # noqa: E402
@@ -57,13 +60,11 @@ def bare_loop(source: FeatureSource, x: torch.Tensor, batch: int) -> Callable[[]
 
 def prepared_inputs(root: str, source: FeatureSource) -> torch.Tensor:
     """Every chip of ``root`` decoded, resized and conditioned: the baseline's input tensor."""
-    import pyarrow.parquet as pq
-    from sarjepa_dist.data import shards
     chips = []
     for uri in shards.shard_uris(root):
         t = pq.read_table(uri, columns=["chip", "chip_shape", "chip_dtype"]).to_pydict()
         chips += [shards.decode_checked(c, s, d) for c, s, d in zip(t["chip"], t["chip_shape"], t["chip_dtype"])]
-    amp = center_resize(torch.from_numpy(__import__("numpy").stack(chips)).float(), source.recipe.img_size)
+    amp = center_resize(torch.from_numpy(np.stack(chips)).float(), source.recipe.img_size)
     r = source.recipe
     data_cfg = DataConfig(img_size=r.img_size, channels=r.channels, conditioning=r.conditioning)
     return prepare_inputs(amp, data_cfg, Config().gradient, need=(r.input,))[r.input].contiguous()
