@@ -65,6 +65,7 @@ ENCODER_ARCHS: dict[str, tuple[int, int, int]] = {
 PATCH_SIZES = (4, 8, 14, 16, 32)
 TARGET_MODES = ("ema-gradient", "ema-pixel", "gradient-features")
 CONTEXT_DOMAINS = ("raw", "gradient")
+PREDICTOR_CONTEXTS = ("per-block", "shared")
 LR_SCALINGS = ("linear", "none")
 TUNE_MODES = ("min", "max")
 FEWSHOT_METHODS = ("linear", "knn", "prototype")
@@ -225,6 +226,9 @@ class ModelConfig:
     target_mode: str = "ema-gradient"  # TARGET_MODES
     context_domain: str = "raw"  # CONTEXT_DOMAINS: what the context encoder sees
     drop_path: float = 0.0
+    # per-block: the context is run through the predictor once per target block (I-JEPA);
+    # shared: once for all blocks, context tokens not attending to mask tokens (cheaper, a different method)
+    predictor_context: str = "per-block"  # PREDICTOR_CONTEXTS
 
     def validate(self, p: str = "model") -> None:
         check_choice(f"{p}.encoder", self.encoder, ENCODER_ARCHS)
@@ -243,6 +247,7 @@ class ModelConfig:
         check_choice(f"{p}.target_mode", self.target_mode, TARGET_MODES)
         check_choice(f"{p}.context_domain", self.context_domain, CONTEXT_DOMAINS)
         check_range(f"{p}.drop_path", self.drop_path, 0.0, 1.0, hi_open=True)
+        check_choice(f"{p}.predictor_context", self.predictor_context, PREDICTOR_CONTEXTS)
 
 
 @dataclass

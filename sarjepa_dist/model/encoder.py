@@ -26,6 +26,7 @@ from torch import nn
 from timm.models.vision_transformer import VisionTransformer
 
 from sarjepa_dist.config import ENCODER_ARCHS, ModelConfig
+from sarjepa_dist.model.blocks import block_rows
 
 
 def sincos_pos_embed_1d(dim: int, pos: np.ndarray) -> np.ndarray:
@@ -120,6 +121,15 @@ class MaskedViT(nn.Module):
         tokens = self.vit.norm_pre(tokens)
         tokens = self.vit.blocks(tokens)
         return self.vit.norm(tokens)
+
+    def forward_rows(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """(B, Q, D): ``forward(x)`` (all tokens enter the blocks) read at ``rows`` (B, Q) only; the
+        last block computes just those rows (exact: see :mod:`sarjepa_dist.model.blocks`)."""
+        tokens = self.vit.norm_pre(self.embed(x))
+        blocks = list(self.vit.blocks)
+        for blk in blocks[:-1]:
+            tokens = blk(tokens)
+        return self.vit.norm(block_rows(blocks[-1], tokens, rows))
 
     def forward_features_pooled(self, x: torch.Tensor) -> torch.Tensor:
         """(B, D) mean of the normed tokens: the evaluation feature (equals ``vit(x)``)."""

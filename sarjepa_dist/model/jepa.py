@@ -74,7 +74,7 @@ class SarJEPA(nn.Module):
         self.predictor = Predictor(
             self.encoder.grid_size, in_dim=self.encoder.embed_dim, dim=model_cfg.predictor_dim,
             depth=model_cfg.predictor_depth, num_heads=model_cfg.predictor_heads, out_dim=self.target_dim,
-            drop_path=model_cfg.drop_path)
+            drop_path=model_cfg.drop_path, shared_context=model_cfg.predictor_context == "shared")
 
     # ------------------------------------------------------------------ what the data must supply
 
@@ -120,11 +120,13 @@ class SarJEPA(nn.Module):
                 raise ValueError(f"gfeat has {gfeat.shape[1]} channels; this model expects "
                                  f"in_chans*num_grad_scales = {want}")
             feats = patchify(gfeat, self.patch_size)
-        else:
-            assert self.target_encoder is not None
-            feats = self.target_encoder(inputs[_TARGET_INPUT[self.target_mode]])
+            feats = F.layer_norm(feats, feats.shape[-1:])
+            return gather_tokens(feats, tgt_idx)
+        assert self.target_encoder is not None
+        rows = tgt_idx.reshape(tgt_idx.shape[0], -1)  # (B, M*Kt): the last block computes only these
+        feats = self.target_encoder.forward_rows(inputs[_TARGET_INPUT[self.target_mode]], rows)
         feats = F.layer_norm(feats, feats.shape[-1:])
-        return gather_tokens(feats, tgt_idx)
+        return feats.reshape(*tgt_idx.shape, feats.shape[-1])
 
     def forward(self, inputs: dict[str, torch.Tensor], masks: "MaskBatch") -> dict[str, Any]:
         """loss: mean over target blocks and tokens of ‖pred − target‖² / dim (latent L2).

@@ -5,6 +5,14 @@ positions) and one learnable mask token per target position (plus that position)
 guesses at the target positions, projected back to the target width. As in I-JEPA, the context is
 repeated once per target block (batch B*M), so target blocks never attend to one another and each
 block is predicted from the context alone.
+
+``shared_context=True`` (``model.predictor_context: shared``) changes the method, not only its
+cost: the context tokens attend only to one another, so they are computed once for all M blocks
+(one sequence of Kc + M·Kt rows per sample under a block attention mask) instead of once per block;
+each block's mask tokens still attend to the context and to their own block only.
+
+Exact savings in both modes: the last block computes only the rows whose output is used (the
+target rows; see :mod:`sarjepa_dist.model.blocks`).
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from torch import nn
 from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 
+from sarjepa_dist.model.blocks import block_rows
 from sarjepa_dist.model.encoder import gather_tokens, sincos_pos_embed_2d
 
 
@@ -23,8 +32,10 @@ class Predictor(nn.Module):
     """forward(ctx_tokens (B,Kc,D), ctx_idx (B,Kc), tgt_idx (B,Kt) or (B,M,Kt)) -> (B,[M,]Kt,out_dim)."""
 
     def __init__(self, grid_size: tuple[int, int], in_dim: int, dim: int, depth: int, num_heads: int,
-                 out_dim: int, mlp_ratio: float = 4.0, drop_path: float = 0.0) -> None:
+                 out_dim: int, mlp_ratio: float = 4.0, drop_path: float = 0.0,
+                 shared_context: bool = False) -> None:
         super().__init__()
+        self.shared_context = bool(shared_context)
         self.grid_size = tuple(grid_size)
         self.in_dim, self.dim, self.out_dim = in_dim, dim, out_dim
         self.embed = nn.Linear(in_dim, dim)
@@ -66,12 +77,26 @@ class Predictor(nn.Module):
         pos = self.pos_embed.expand(b, -1, -1)
 
         ctx = self.embed(ctx_tokens) + gather_tokens(pos, ctx_idx)  # (B, Kc, d): embedded once
-        ctx = ctx.unsqueeze(1).expand(b, m, kc, self.dim).reshape(b * m, kc, self.dim)
-        tgt = (gather_tokens(pos, tgt_idx) + self.mask_token).reshape(b * m, kt, self.dim)
-
-        x = torch.cat([ctx, tgt], dim=1)
-        for blk in self.blocks:
-            x = blk(x)
-        x = self.proj(self.norm(x[:, kc:]))
-        x = x.reshape(b, m, kt, self.out_dim)
+        tgt = gather_tokens(pos, tgt_idx) + self.mask_token  # (B, M, Kt, d)
+        if self.shared_context:
+            x = torch.cat([ctx, tgt.reshape(b, m * kt, self.dim)], dim=1)
+            attn_mask = block_attention_mask(kc, m, kt, ctx.device)
+        else:
+            ctx = ctx.unsqueeze(1).expand(b, m, kc, self.dim).reshape(b * m, kc, self.dim)
+            x = torch.cat([ctx, tgt.reshape(b * m, kt, self.dim)], dim=1)
+            attn_mask = None
+        for blk in self.blocks[:-1]:
+            x = blk(x, attn_mask=attn_mask)
+        x = block_rows(self.blocks[-1], x, slice(kc, None), attn_mask)  # only the target rows
+        x = self.proj(self.norm(x)).reshape(b, m, kt, self.out_dim)
         return x[:, 0] if single else x
+
+
+def block_attention_mask(kc: int, m: int, kt: int, device: torch.device) -> torch.Tensor:
+    """(Kc+M·Kt)² boolean mask, True = may attend: the context sees the context; block j's rows see
+    the context and block j."""
+    block_of = torch.cat([torch.full((kc,), -1, device=device),
+                          torch.arange(m, device=device).repeat_interleave(kt)])
+    is_ctx_key = (block_of < 0).unsqueeze(0)
+    same_block = block_of.unsqueeze(1) == block_of.unsqueeze(0)
+    return is_ctx_key | (same_block & (block_of >= 0).unsqueeze(1))
