@@ -87,12 +87,12 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 def verify_files(folder: str | os.PathLike, recorded: dict[str, str] | None, where: str) -> None:
     """Refuse (``CheckpointIntegrityError``) when a file of ``folder`` differs from its recorded
-    sha256 or is missing. ``recorded`` None: a checkpoint written before hashes were recorded."""
+    sha256. Files absent here are skipped: remote loaders fetch only the files they read, and a
+    loader that needs a missing file says so itself. ``recorded`` None: a checkpoint written
+    before hashes were recorded."""
     for name, expected in (recorded or {}).items():
         path = Path(folder) / name
-        if not path.is_file():
-            raise CheckpointIntegrityError(f"{path}: missing, but {where} lists it; the checkpoint is incomplete")
-        if file_sha256(path) != expected:
+        if path.is_file() and file_sha256(path) != expected:
             raise CheckpointIntegrityError(
                 f"{path}: its sha256 differs from the one {where} recorded when it was written; the file "
                 f"was changed or truncated since. Refusing to load it: use another checkpoint or re-export")
