@@ -116,6 +116,7 @@ def test_uri_credentials_are_redacted_in_written_configs():
     assert out["data"]["path"] == "s3://***@bucket/data" and out["n"] == 1 and out["l"] == ["http://***@h/x"]
 
 
+@pytest.mark.faults
 @pytest.mark.xfail(strict=False, reason="tune.py leak: Ray Tune copies AWS_* from the driver into every trial "
                                         "actor's runtime_env (ENV_VARS_TO_PROPAGATE), which Ray's "
                                         "runtime_env_agent.log records; fixed in tune.py by another change")
