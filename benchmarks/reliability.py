@@ -96,7 +96,8 @@ def truncate_shard(root: str, index: int) -> str:
 
 def tiny_config(data: str, runs: str, name: str, **data_kw: Any):
     return config_from_dict({
-        "data": {"path": data, "img_size": IMG, "batch_size": 8, "shuffle_buffer": 32, **data_kw},
+        "data": {"path": data, "img_size": IMG, "batch_size": 8, "shuffle_buffer": 32, "max_bad_fraction": 0.05,
+                 **data_kw},
         "gradient": {"radii": [2, 4]}, "mask": {"min_keep": 4},
         "model": {"encoder": "vit_tiny", "patch_size": 4, "depth": 2, "predictor_dim": 32,
                   "predictor_depth": 1, "predictor_heads": 2},

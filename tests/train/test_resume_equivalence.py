@@ -82,4 +82,4 @@ def test_stopped_and_resumed_run_equals_the_uninterrupted_one(tmp_path):
     # a positive control: a resume that forgets the optimizer state (AdamW moments) does differ
     lost, _, _, _ = _run(cfg, batches, STOP_AT, STEPS, state=ckpt, with_optimizer=False)
     drift = max((a - b).abs().max().item() for a, b in zip(full.state_dict().values(), lost.state_dict().values()))
-    assert np.isfinite(drift) and drift > 1e-4
+    assert np.isfinite(drift) and drift > 1e-5  # ten times the tolerance above
