@@ -16,7 +16,7 @@ import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -24,6 +24,15 @@ import pyarrow.fs as pafs
 from sarjepa_dist.errors import SarjepaError
 
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
+
+# Retries of every S3 request (the AWS SDK's "standard" strategy: exponential backoff with jitter,
+# capped at 20 s a wait): 10 attempts ride out an endpoint that refuses or stalls for ~30-45 s;
+# then the request fails and the caller raises StorageError. A stalled request is abandoned after
+# S3_REQUEST_TIMEOUT_S (and retried), so a dead connection never hangs a run. Environment
+# overrides: SARJEPA_S3_RETRY_ATTEMPTS, SARJEPA_S3_REQUEST_TIMEOUT_S, SARJEPA_S3_CONNECT_TIMEOUT_S.
+S3_RETRY_ATTEMPTS = 10
+S3_REQUEST_TIMEOUT_S = 30.0
+S3_CONNECT_TIMEOUT_S = 5.0
 
 
 class StorageError(SarjepaError, OSError):
@@ -88,7 +97,13 @@ _fs_cache: dict[tuple, pafs.S3FileSystem] = {}
 
 
 def _make_s3_filesystem(settings: S3Settings) -> pafs.S3FileSystem:
-    kwargs: dict = {"region": settings.region}
+    kwargs: dict = {
+        "region": settings.region,
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(
+            max_attempts=int(os.environ.get("SARJEPA_S3_RETRY_ATTEMPTS", S3_RETRY_ATTEMPTS))),
+        "request_timeout": float(os.environ.get("SARJEPA_S3_REQUEST_TIMEOUT_S", S3_REQUEST_TIMEOUT_S)),
+        "connect_timeout": float(os.environ.get("SARJEPA_S3_CONNECT_TIMEOUT_S", S3_CONNECT_TIMEOUT_S)),
+    }
     if settings.endpoint_url:
         parsed = urlparse(settings.endpoint_url)
         kwargs["endpoint_override"] = parsed.netloc or parsed.path
@@ -263,10 +278,27 @@ def upload_dir(src: str | os.PathLike, uri: str, last: tuple[str, ...] = ()) -> 
         write_bytes(join(uri, *p.relative_to(src).parts), p.read_bytes())
 
 
+_URI_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^\s@]+@")
+
+
 def redact(text: str, extra_secrets: Iterable[str] = ()) -> str:
-    """Remove credential values (from the environment) and key=secret pairs from ``text``."""
+    """Remove credential values (from the environment), key=secret pairs and the user:password
+    part of URIs (``s3://KEY:SECRET@bucket``, ``http://user:pass@host``) from ``text``."""
     secrets = [os.environ.get(k) for k in _SECRET_ENV] + list(extra_secrets)
     for s in secrets:
         if s and len(s) >= 4:
             text = text.replace(s, "***")
+    text = _URI_USERINFO.sub(r"\1***@", text)
     return re.sub(r"(?i)(secret|token|password|access_key)(\w*)=([^\s&,]+)", r"\1\2=***", text)
+
+
+def redact_tree(obj: Any) -> Any:
+    """``obj`` (JSON-like: dicts, lists, strings) with ``redact`` applied to every string in it;
+    for configs and results written to files."""
+    if isinstance(obj, str):
+        return redact(obj)
+    if isinstance(obj, dict):
+        return {k: redact_tree(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [redact_tree(v) for v in obj]
+    return obj

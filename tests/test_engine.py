@@ -70,12 +70,38 @@ def test_train_step_updates_params_ema_and_reports():
     assert set(d) == {"loss", "grad_norm", "lr", "wd", "tau"} and d["grad_norm"] > 0
 
 
+def _grad_norm_seen_by_optimizer(opt) -> list[float]:
+    """Wrap ``opt.step`` to record the global L2 norm of the gradients it is about to apply."""
+    seen: list[float] = []
+    step = opt.step
+
+    def recording_step(*args, **kwargs):
+        grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        seen.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(x) for x in grads]))))
+        return step(*args, **kwargs)
+
+    opt.step = recording_step
+    return seen
+
+
 def test_grad_clip_zero_reports_norm_without_clipping():
     cfg = _cfg()
     model, inputs, masks = _setup(cfg)
     opt = build_optimizer(model, cfg.optim)
+    applied = _grad_norm_seen_by_optimizer(opt)
     m = train_step(model, opt, Schedules(cfg.optim, 10), inputs, masks, 0, grad_clip=0.0)
     assert float(m.grad_norm) > 0
+    assert applied[0] == pytest.approx(float(m.grad_norm), rel=1e-5)  # applied as computed
+
+
+def test_grad_clip_scales_the_applied_gradient_and_reports_the_pre_clip_norm():
+    cfg = _cfg()
+    model, inputs, masks = _setup(cfg)
+    opt = build_optimizer(model, cfg.optim)
+    applied = _grad_norm_seen_by_optimizer(opt)
+    m = train_step(model, opt, Schedules(cfg.optim, 10), inputs, masks, 0, grad_clip=1e-3)
+    assert float(m.grad_norm) > 1e-2  # the pre-clip norm is reported ...
+    assert applied[0] == pytest.approx(1e-3, rel=1e-3)  # ... and the optimizer got the clipped one
 
 
 def test_autocast_step_runs():

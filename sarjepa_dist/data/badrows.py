@@ -1,30 +1,42 @@
-"""Bad-row accounting for the streaming pipeline: counted per reason across every Ray Data worker.
+"""Bad-row accounting for the streaming pipeline: exact, per reason, across every Ray Data worker,
+every retry and every relaunch of a run.
 
 A bad row (undecodable bytes, a shape that differs from the manifest's ``chip_shape``, NaN/Inf, ...;
-see ``shards.BAD_REASONS``) is skipped where it is met, inside a Ray Data ``map_batches`` task. Those
-tasks run in many processes, so the counts live in one small named actor per run
-(``_BadRowCounter``); the tasks report to it and the training loop reads it:
+see ``shards.BAD_REASONS``) is skipped where it is met, inside a Ray Data task. A shard file that
+cannot be read (truncated, corrupt pages, missing columns) is quarantined the same way: its rows
+that were not delivered count as ``unreadable`` and the shard is listed with its reason. Those tasks
+run in many processes, so the tally lives in one small named actor per run (``_BadRowCounter``);
+the tasks report to it and the training loop reads it:
 
 - ``counts()`` / ``total_seen()`` feed the metrics a run reports;
-- ``check(max_bad_fraction)`` stops the run with ``BadDataError`` (carrying the counts) once more
-  than the allowed fraction of the rows seen so far is bad;
+- ``check(max_bad_fraction)`` stops the run with ``BadDataError`` (carrying the counts and the
+  quarantined shards) once more than the allowed fraction of the rows seen so far is bad;
 - ``examples()`` keeps the first few bad rows (chip_id, shard file, reason, detail) so the warnings
   that name them can be raised where someone reads them (the train worker), not only in a Ray Data
   worker log.
 
+Exact under retries. Every report carries an idempotent key: the epoch plus a digest of the chip
+ids of the Ray Data batch it describes (or the shard path, for a quarantined shard). A retried
+task re-reads the same block, cuts the same batches and sends the same keys, and the actor keeps
+the first report of a key only. Keys are kept per epoch while the epoch can still be re-read;
+``state(close_before=e)`` folds epochs before ``e`` into plain totals.
+
+Persistent. The training loop saves ``state(close_before=epoch, include_blocks=True)`` in every
+checkpoint and hands it back with ``restore`` when a run resumes (after a worker restart or on a
+relaunch under the same name). The resumed epoch is read again from its start, and its keys are
+already known, so nothing is counted twice and nothing counted before the crash is lost.
+
 Why an actor and not a column in the stream: bad rows are dropped before batching, so nothing of
 them can ride along in the batches without taking a slot in a batch (which would upset the equal
 per-rank batch counts DDP needs). One RPC per ``map_batches`` call (hundreds of rows) is cheap.
-
 Reports are synchronous (the task waits for the actor to record them before its block is
 returned), so once a consumer has received a block, the rows behind it are already counted.
-Counts are cumulative over the life of the actor (all epochs of a run); a Ray Data task that is
-retried after a worker crash reports its rows again, so the counts are an upper bound then.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import uuid
 import warnings
@@ -41,27 +53,33 @@ logger = logging.getLogger(__name__)
 
 
 class BadDataError(SarjepaError, RuntimeError):
-    """Too many bad rows: more than ``max_bad_fraction`` of the rows seen. Carries the counts."""
+    """Too many bad rows: more than ``max_bad_fraction`` of the rows seen. Carries the counts and
+    the shards that could not be read."""
 
     def __init__(self, counts: dict[str, int], seen: int, max_bad_fraction: float,
-                 examples: list[dict[str, Any]] | None = None):
+                 examples: list[dict[str, Any]] | None = None, quarantined: list[dict[str, Any]] | None = None):
         self.counts = dict(counts)
         self.seen = seen
         self.max_bad_fraction = max_bad_fraction
         self.examples = list(examples or [])
+        self.quarantined = list(quarantined or [])
         bad = sum(self.counts.values())
         frac = bad / seen if seen else 1.0
-        shown = "; ".join(f"{e['reason']}: {e['chip_id']} in {e['shard']}" for e in self.examples[:3])
+        shards = "; ".join(f"{q['shard']} ({q['detail']})" for q in self.quarantined[:3])
+        rows = [e for e in self.examples if e.get("reason") != "unreadable"]
+        shown = "; ".join(f"{e['reason']}: {e['chip_id']} in {e['shard']}" for e in rows[:3])
         super().__init__(
             f"{bad} of {seen} rows are bad ({frac:.2%} > data.max_bad_fraction = {max_bad_fraction:g}); "
-            f"counts by reason: {self.counts}" + (f"; e.g. {shown}" if shown else "")
+            f"counts by reason: {self.counts}"
+            + (f"; unreadable shard(s), quarantined: {shards}" if shards else "")
+            + (f"; e.g. {shown}" if shown else "")
             + ". Fix or re-ingest the dataset ('sarjepa inspect' lists bad rows), or raise "
               "data.max_bad_fraction if these rows may be skipped."
         )
 
     def __reduce__(self):
         # raised in train workers: Ray pickles it back to the driver, which must rebuild it
-        return type(self), (self.counts, self.seen, self.max_bad_fraction, self.examples)
+        return type(self), (self.counts, self.seen, self.max_bad_fraction, self.examples, self.quarantined)
 
 
 class BadRowWarning(UserWarning):
@@ -74,28 +92,109 @@ def _ray() -> ModuleType:
     return ray
 
 
+def block_key(epoch: int, chip_ids: Any) -> str:
+    """The idempotent key of one batch of rows: the same rows in the same epoch give the same key."""
+    h = hashlib.blake2b(digest_size=12)
+    h.update(str(int(epoch)).encode())
+    for cid in chip_ids:
+        h.update(b"\x1f" + str(cid).encode("utf-8"))
+    return h.hexdigest()
+
+
+def _add_counts(into: dict[str, int], more: dict[str, int]) -> None:
+    for reason, n in more.items():
+        into[reason] = into.get(reason, 0) + int(n)
+
+
 class _BadRowCounter:
-    """The per-run tally (a Ray actor, see ``_counter_actor_class``)."""
+    """The per-run tally (a Ray actor, see ``_counter_actor_class``).
+
+    ``_base_*``: totals of the epochs before ``_closed_before`` (folded, no keys kept);
+    ``_blocks[epoch][key] = (seen, {reason: n})`` for the open epochs.
+    """
 
     def __init__(self, max_examples: int = MAX_EXAMPLES):
-        self._counts: dict[str, int] = {}
-        self._seen = 0
-        self._examples: list[dict[str, Any]] = []
         self._max_examples = max_examples
+        self.reset()
 
-    def report(self, seen: int, bad: dict[str, int], examples: list[dict[str, Any]]) -> None:
-        self._seen += int(seen)
-        for reason, n in bad.items():
-            self._counts[reason] = self._counts.get(reason, 0) + int(n)
+    def reset(self) -> None:
+        self._base_counts: dict[str, int] = {}
+        self._base_seen = 0
+        self._closed_before = 0
+        self._blocks: dict[int, dict[str, tuple[int, dict[str, int]]]] = {}
+        self._examples: list[dict[str, Any]] = []
+        self._quarantined: dict[str, dict[str, Any]] = {}
+        self._duplicates = 0
+
+    def report(self, seen: int, bad: dict[str, int], examples: list[dict[str, Any]], key: str | None = None,
+               epoch: int = 0, quarantined: dict[str, Any] | None = None) -> bool:
+        """Record one batch's tally; False when ``key`` was recorded before (a retried task)."""
+        epoch = int(epoch)
+        if epoch < self._closed_before:  # an epoch already folded: its keys are gone, add as is
+            self._base_seen += int(seen)
+            _add_counts(self._base_counts, bad)
+        else:
+            blocks = self._blocks.setdefault(epoch, {})
+            key = key if key is not None else f"unkeyed-{len(blocks)}"
+            if key in blocks:
+                self._duplicates += 1
+                return False
+            blocks[key] = (int(seen), {r: int(n) for r, n in bad.items()})
+        if quarantined is not None:
+            self._quarantined.setdefault(quarantined["shard"], dict(quarantined))
         room = self._max_examples - len(self._examples)
         if room > 0:
             self._examples.extend(examples[:room])
+        return True
+
+    def _totals(self) -> tuple[dict[str, int], int]:
+        counts, seen = dict(self._base_counts), self._base_seen
+        for blocks in self._blocks.values():
+            for n, bad in blocks.values():
+                seen += n
+                _add_counts(counts, bad)
+        return counts, seen
 
     def snapshot(self) -> dict[str, Any]:
-        return {"counts": dict(self._counts), "seen": self._seen, "examples": list(self._examples)}
+        counts, seen = self._totals()
+        return {"counts": counts, "seen": seen, "examples": list(self._examples),
+                "quarantined": list(self._quarantined.values()), "duplicates": self._duplicates}
 
-    def reset(self) -> None:
-        self._counts, self._seen, self._examples = {}, 0, []
+    def state(self, close_before: int | None = None, include_blocks: bool = True) -> dict[str, Any]:
+        """The tally as plain JSON-able data; ``close_before`` first folds the epochs before it."""
+        if close_before is not None and close_before > self._closed_before:
+            for epoch in [e for e in self._blocks if e < close_before]:
+                for n, bad in self._blocks.pop(epoch).values():
+                    self._base_seen += n
+                    _add_counts(self._base_counts, bad)
+            self._closed_before = int(close_before)
+        out = {**self.snapshot(), "base_counts": dict(self._base_counts), "base_seen": self._base_seen,
+               "closed_before": self._closed_before}
+        if include_blocks:
+            out["blocks"] = {str(e): {k: [n, bad] for k, (n, bad) in b.items()} for e, b in self._blocks.items()}
+        return out
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        """Merge a saved ``state``: the base that folded more epochs wins, keys are united."""
+        saved_closed = int(saved.get("closed_before", 0))
+        if saved_closed > self._closed_before:
+            self._base_counts = {r: int(n) for r, n in saved.get("base_counts", {}).items()}
+            self._base_seen = int(saved.get("base_seen", 0))
+            self._closed_before = saved_closed
+            self._blocks = {e: b for e, b in self._blocks.items() if e >= saved_closed}
+        for epoch_text, blocks in (saved.get("blocks") or {}).items():
+            epoch = int(epoch_text)
+            if epoch < self._closed_before:
+                continue  # already inside this tally's base
+            mine = self._blocks.setdefault(epoch, {})
+            for key, (n, bad) in blocks.items():
+                mine.setdefault(key, (int(n), {r: int(c) for r, c in bad.items()}))
+        for q in saved.get("quarantined", []):
+            self._quarantined.setdefault(q["shard"], dict(q))
+        known = {(e.get("chip_id"), e.get("shard"), e.get("reason")) for e in self._examples}
+        for e in saved.get("examples", []):
+            if len(self._examples) < self._max_examples and (e.get("chip_id"), e.get("shard"), e.get("reason")) not in known:
+                self._examples.append(dict(e))
 
 
 @functools.cache
@@ -143,12 +242,24 @@ class BadRowTracker:
         return f"BadRowTracker(run_name={self.run_name!r})"
 
     # -- writing (Ray Data tasks)
-    def report(self, seen: int, bad: dict[str, int], examples: list[dict[str, Any]]) -> None:
-        """Record one batch's tally; waits for the actor so counts never lag the delivered data."""
-        _ray().get(self._actor.report.remote(seen, bad, examples))
+    def report(self, seen: int, bad: dict[str, int], examples: list[dict[str, Any]], *, key: str | None = None,
+               epoch: int = 0, quarantined: dict[str, Any] | None = None) -> bool:
+        """Record one batch's tally (``key``: see ``block_key``; a key seen before is ignored and
+        False returned); waits for the actor so counts never lag the delivered data."""
+        return _ray().get(self._actor.report.remote(seen, bad, examples, key, epoch, quarantined))
 
     def reset(self) -> None:
         _ray().get(self._actor.reset.remote())
+
+    # -- persistence (the training loop's checkpoints)
+    def state(self, close_before: int | None = None) -> dict[str, Any]:
+        """The whole tally as JSON-able data (for a checkpoint); epochs before ``close_before`` are
+        folded into totals first, since a resumed run never reads them again."""
+        return _ray().get(self._actor.state.remote(close_before, True))
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        """Merge a tally saved by ``state`` (a resumed run): idempotent, nothing counted twice."""
+        _ray().get(self._actor.restore.remote(saved))
 
     # -- reading (driver, training loop)
     def snapshot(self) -> dict[str, Any]:
@@ -166,6 +277,10 @@ class BadRowTracker:
         """The first bad rows met: dicts with chip_id, shard, reason, detail."""
         return self.snapshot()["examples"]
 
+    def quarantined(self) -> list[dict[str, Any]]:
+        """The shards that could not be read: dicts with shard, reason, detail, rows, epoch."""
+        return self.snapshot()["quarantined"]
+
     def metrics(self, prefix: str = "data/bad_rows") -> dict[str, float]:
         """Flat metrics for the run's reporter: total, fraction and one entry per reason."""
         snap = self.snapshot()
@@ -181,8 +296,9 @@ class BadRowTracker:
         snap = snapshot if snapshot is not None else self.snapshot()
         new = snap["examples"][self._warned:]
         for ex in new[: max(0, limit - self._warned)]:
-            warnings.warn(f"skipped bad row {ex['chip_id']!r} in {ex['shard']}: {ex['reason']} "
-                          f"({ex['detail']})", BadRowWarning, stacklevel=3)
+            what = f"bad row {ex['chip_id']!r} in" if ex.get("chip_id") is not None else "the rest of shard"
+            warnings.warn(f"skipped {what} {ex['shard']}: {ex['reason']} ({ex['detail']})",
+                          BadRowWarning, stacklevel=3)
         self._warned += len(new)
 
     def check(self, max_bad_fraction: float, *, min_seen: int = 0) -> dict[str, Any]:
@@ -194,7 +310,7 @@ class BadRowTracker:
         snap = self.snapshot()
         seen, bad = snap["seen"], sum(snap["counts"].values())
         if bad and seen >= min_seen and bad > max_bad_fraction * seen:
-            raise BadDataError(snap["counts"], seen, max_bad_fraction, snap["examples"])
+            raise BadDataError(snap["counts"], seen, max_bad_fraction, snap["examples"], snap["quarantined"])
         return snap
 
     def kill(self) -> None:

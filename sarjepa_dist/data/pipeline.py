@@ -1,15 +1,21 @@
 """The Ray Data graph that streams chips from shards into Ray Train workers.
 
-    read (Parquet shards, local or s3://, through ``storage``)  -- file order shuffled per (seed, epoch)
-      → decode + validate (bad rows counted per reason and skipped; see ``badrows``)
+    shard files (local or s3://, through ``storage``)   -- file order shuffled per (seed, epoch)
+      → read + decode + validate, one task per file (bad rows counted per reason and skipped; an
+        unreadable shard quarantined with its reason and its unread rows counted; see ``badrows``)
       → crop / augment (training) or centre-resize (evaluation), per chip
       → condition → ∇x                                         (only when transform_placement == "data")
       → rows → per-rank batches (seeded local shuffle buffer, equal counts on every rank)
 
-Nothing is copied to local disk: Ray Data reads the Parquet files through the pyarrow filesystem
-that ``storage.resolve`` returns (shard files spread over parallel read tasks; see
-``USE_V1_PARQUET_READER`` for which Ray reader) and streams blocks through the graph with bounded
-memory (benchmarks/bench_pipeline.py: worker RSS flat from a 1x to a 10x archive).
+Nothing is copied to local disk: the read tasks open the Parquet files through the pyarrow
+filesystem that ``storage.resolve`` returns (one task per shard file, row group by row group, in
+blocks of ``READ_BLOCK_ROWS``) and stream blocks through the graph with bounded memory
+(benchmarks/bench_pipeline.py: worker RSS flat from a 1x to a 10x archive). The reader is the
+project's, not ``ray.data.read_parquet``, so that a shard that fails mid-stream is quarantined and
+counted instead of failing the run with Ray's error, and so that every block has a tally key that
+is the same in every execution (exact counts under task retries and resumes; see ``badrows``).
+A store that does not answer is not a bad shard: that read fails with ``storage.StorageError``
+after the S3 client's retries (``storage.S3_RETRY_ATTEMPTS``).
 
 Where ∇x is computed (``DataConfig.transform_placement``):
 
@@ -29,8 +35,8 @@ may depend on it:
 - augmentation draws from a torch.Generator per chip, seeded by a stable hash of
   (seed, epoch, chip_id): a chip gets the same crop/flip/rotation whatever batch it lands in, and a
   different one each epoch;
-- the file order is a permutation seeded by (seed, epoch) (Ray's ``FileShuffleConfig`` with
-  ``reseed_after_execution=False``: the epoch, not Ray's execution counter, picks the order);
+- the file order is a permutation seeded by (seed, epoch): the epoch, not Ray's execution
+  counter, picks the order;
 - the local shuffle buffer is seeded by (seed, epoch, rank).
 
 So a run with a given seed sees the same set of chips per epoch with the same augmented values
@@ -54,7 +60,6 @@ scheduling. Evaluation uses ``equal=False`` and ``drop_last=False``: every good 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -64,6 +69,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import torch
 
 from sarjepa_dist import storage
@@ -85,14 +91,9 @@ logger = logging.getLogger(__name__)
 NEED_KEYS = ("x", "gx", "gfeat")
 READ_COLUMNS = ["chip_id", "chip", "chip_shape", "chip_dtype", "label"]
 UDF_BATCH_ROWS = 128  # rows per map_batches call: big enough to amortise the per-call cost
-MAX_LOGGED_BAD_ROWS = 5  # per map_batches call, in the Ray Data worker log
-MAX_REPORTED_EXAMPLES = 10  # per map_batches call, sent to the tracker (counts are always complete)
-# Ray 2.60 routes read_parquet through "datasource V2" by default; its listing step starts a pool
-# of footer-reader actors on every execution, i.e. once per epoch here (a new dataset per epoch),
-# which measured 4-25 s per epoch on a loaded 2-core machine against 0.3 s for the V1 reader
-# (footers read once, at build time, by the driver). Both honour FileShuffleConfig. Set False to
-# follow Ray's default.
-USE_V1_PARQUET_READER = True
+MAX_LOGGED_BAD_ROWS = 5  # per read block, in the Ray Data worker log
+MAX_REPORTED_EXAMPLES = 10  # per read block, sent to the tracker (counts are always complete)
+READ_BLOCK_ROWS = 1024  # rows per block the shard reader yields (one tally key each)
 
 
 # --------------------------------------------------------------------------- seeds
@@ -110,7 +111,7 @@ def chip_seed(seed: int, epoch: int, chip_id: str) -> int:
 
 
 def file_shuffle_seed(seed: int, epoch: int) -> int:
-    """Seed of this epoch's shard-file order (Ray's ``FileShuffleConfig``; numpy wants < 2**32)."""
+    """Seed of this epoch's shard-file order (numpy wants < 2**32)."""
     return stable_seed("file-order", seed, epoch) % (2**32)
 
 
@@ -175,45 +176,96 @@ def _empty_like_outputs(spec: _Spec) -> dict[str, np.ndarray]:
     return {k: feats[k][:0].numpy() for k in spec.need}
 
 
-def _process_batch(batch: pa.Table, *, spec: _Spec, tracker: BadRowTracker | None) -> dict[str, np.ndarray]:
-    """decode → validate → crop/augment → (condition → ∇x), for one Ray Data batch of shard rows."""
-    n = batch.num_rows
+def _validate_rows(table: pa.Table, spec: _Spec) -> tuple[pa.Table, dict[str, int], list[dict[str, Any]]]:
+    """The rows of ``table`` that decode and pass ``shards.check_chip``; the rest counted by reason."""
+    ids = table.column("chip_id").to_pylist()
+    datas = table.column("chip").to_pylist()
+    shapes = table.column("chip_shape").to_pylist()
+    dtypes = table.column("chip_dtype").to_pylist()
+    paths = table.column("path").to_pylist() if "path" in table.column_names else [None] * table.num_rows
+    keep = np.ones(table.num_rows, dtype=bool)
+    bad: dict[str, int] = {}
+    examples: list[dict[str, Any]] = []
+    for i in range(table.num_rows):
+        try:
+            shards.decode_checked(datas[i], shapes[i], dtypes[i], spec.expected_shape)
+        except shards.BadChip as err:
+            keep[i] = False
+            bad[err.reason] = bad.get(err.reason, 0) + 1
+            shard = f"{spec.shard_prefix}{paths[i]}" if paths[i] else "<unknown shard>"
+            examples.append({"chip_id": ids[i], "shard": shard, "reason": err.reason, "detail": err.detail})
+            if len(examples) <= MAX_LOGGED_BAD_ROWS:
+                logger.warning("skipped bad row %r in %s: %s (%s)", ids[i], shard, err.reason, err.detail)
+    return (table if keep.all() else table.filter(pa.array(keep))), bad, examples
+
+
+def _read_shards(items: dict[str, np.ndarray], *, spec: _Spec, tracker: BadRowTracker | None) -> Iterator[pa.Table]:
+    """Ray Data UDF over shard items (``path``, ``rows``): each shard's good rows, in blocks of
+    ``READ_BLOCK_ROWS``. Every block's tally goes to ``tracker`` under the key (epoch, shard,
+    block index), which a retried task or a resumed run meets again unchanged."""
+    # Built here, not pickled in: a pickled S3FileSystem loses its retry strategy.
+    filesystem, _ = storage.resolve(spec.shard_prefix or "/")
+    for path, rows in zip(items["path"], items["rows"]):
+        yield from _read_one_shard(str(path), int(rows), spec=spec, filesystem=filesystem, tracker=tracker)
+
+
+def _read_one_shard(path: str, rows: int, *, spec: _Spec, filesystem: pafs.FileSystem,
+                    tracker: BadRowTracker | None) -> Iterator[pa.Table]:
+    uri = f"{spec.shard_prefix}{path}"
+    delivered = 0
+    try:
+        with filesystem.open_input_file(path) as f:
+            for index, record_batch in enumerate(
+                    pq.ParquetFile(f).iter_batches(batch_size=READ_BLOCK_ROWS, columns=READ_COLUMNS)):
+                table = pa.Table.from_batches([record_batch])
+                table = table.append_column("path", pa.array([path] * table.num_rows, pa.string()))
+                good, bad, examples = _validate_rows(table, spec)
+                delivered += table.num_rows
+                if tracker is not None:
+                    tracker.report(table.num_rows, bad, examples[:MAX_REPORTED_EXAMPLES],
+                                   key=f"{spec.epoch}:{path}:{index}", epoch=spec.epoch)
+                yield good
+    except Exception as exc:  # pyarrow raises OSError, ArrowInvalid, ValueError... for a corrupt file
+        detail = _unreadable_detail(filesystem, uri, path, exc)
+        lost = max(0, rows - delivered)
+        logger.warning("quarantined shard %s: %s (%d of its %d rows unread)", uri, detail, lost, rows)
+        if tracker is not None:
+            quarantined = {"shard": uri, "reason": "unreadable", "detail": detail, "rows": lost, "epoch": spec.epoch}
+            example = {"chip_id": None, "shard": uri, "reason": "unreadable", "detail": detail}
+            tracker.report(lost, {"unreadable": lost} if lost else {}, [example],
+                           key=f"{spec.epoch}:{path}:unreadable", epoch=spec.epoch, quarantined=quarantined)
+
+
+def _unreadable_detail(filesystem: pafs.FileSystem, uri: str, path: str, exc: Exception) -> str:
+    """Why a shard could not be read, once the store itself is known to answer; a store that does
+    not answer is a storage failure (``StorageError``), never a reason to drop the shard."""
+    try:
+        kind = filesystem.get_file_info(path).type
+    except OSError as down:
+        raise storage.StorageError(f"{storage.redact(uri)}: cannot read shard, storage does not answer "
+                                   f"({storage.redact(str(down))})") from exc
+    if kind == pafs.FileType.NotFound:
+        return "the manifest lists it but the file is missing"
+    text = storage.redact(str(exc)).splitlines()[0] if str(exc) else ""
+    return f"not a readable Parquet shard ({type(exc).__name__}: {text[:300]})"
+
+
+def _process_batch(batch: pa.Table, *, spec: _Spec) -> dict[str, np.ndarray]:
+    """decode → crop/augment → (condition → ∇x), for one Ray Data batch of validated shard rows."""
     ids = batch.column("chip_id").to_pylist()
     datas = batch.column("chip").to_pylist()
     shapes = batch.column("chip_shape").to_pylist()
     dtypes = batch.column("chip_dtype").to_pylist()
     labels = pc.fill_null(batch.column("label"), -1).to_numpy().astype(np.int64)
-    paths = batch.column("path").to_pylist() if "path" in batch.column_names else [None] * n
-
-    keep: list[int] = []
-    amps: list[torch.Tensor] = []
-    bad: dict[str, int] = {}
-    examples: list[dict[str, Any]] = []
-    for i in range(n):
-        try:
-            arr = shards.decode_checked(datas[i], shapes[i], dtypes[i], spec.expected_shape)
-        except shards.BadChip as err:
-            bad[err.reason] = bad.get(err.reason, 0) + 1
-            shard = f"{spec.shard_prefix}{paths[i]}" if paths[i] else "<unknown shard>"
-            ex = {"chip_id": ids[i], "shard": shard, "reason": err.reason, "detail": err.detail}
-            examples.append(ex)
-            if len(examples) <= MAX_LOGGED_BAD_ROWS:
-                logger.warning("skipped bad row %r in %s: %s (%s)", ids[i], shard, err.reason, err.detail)
-            continue
-        keep.append(i)
-        amps.append(transform_chip(arr, spec.data_cfg, training=spec.training, epoch=spec.epoch,
-                                   chip_id=ids[i]))
-    if tracker is not None:
-        tracker.report(n, bad, examples[:MAX_REPORTED_EXAMPLES])
-
-    out: dict[str, np.ndarray] = {
-        "chip_id": np.array([ids[i] for i in keep], dtype=object),
-        "label": labels[keep] if keep else np.zeros((0,), dtype=np.int64),
-    }
-    if not keep:
+    out: dict[str, np.ndarray] = {"chip_id": np.array(ids, dtype=object), "label": labels}
+    if not ids:
+        out["label"] = np.zeros((0,), dtype=np.int64)
         out.update(_empty_like_outputs(spec))
         return out
-    amplitude = torch.stack(amps)
+    amplitude = torch.stack([
+        transform_chip(shards.decode_chip(datas[i], shapes[i], dtypes[i]), spec.data_cfg, training=spec.training,
+                       epoch=spec.epoch, chip_id=ids[i])
+        for i in range(len(ids))])
     if spec.data_cfg.transform_placement == "device":
         out["amplitude"] = amplitude.numpy()
     else:
@@ -252,7 +304,6 @@ def build_dataset(data_cfg: DataConfig, gradient_cfg: GradientConfig, *, need: S
     The transforms are tried on one synthetic chip here, so a bad configuration fails now.
     """
     import ray.data  # here, not at the top: importing the data layer must not import Ray
-    from ray.data import FileShuffleConfig
 
     need = _check_need(need)
     if manifest is None:
@@ -264,38 +315,25 @@ def build_dataset(data_cfg: DataConfig, gradient_cfg: GradientConfig, *, need: S
         raise ConfigError(f"data.channels = {data_cfg.channels} but the dataset at {data_cfg.path!r} has "
                           f"{expected[0]}-channel chips; set data.channels={expected[0]}")
     fs, _ = storage.resolve(data_cfg.path)
-    paths = [storage.resolve(uri)[1] for uri in shards.shard_uris(data_cfg.path, manifest)]
+    items = [{"path": storage.resolve(uri)[1], "rows": info.rows}
+             for uri, info in zip(shards.shard_uris(data_cfg.path, manifest), manifest.shards)]
+    if training:  # the epoch, not Ray's execution counter, picks the file order
+        order = np.random.default_rng(file_shuffle_seed(data_cfg.seed, epoch)).permutation(len(items))
+        items = [items[i] for i in order]
     spec = _Spec(data_cfg=data_cfg, gradient_cfg=gradient_cfg, need=need, training=training, epoch=epoch,
                  expected_shape=expected, shard_prefix="s3://" if isinstance(fs, pafs.S3FileSystem) else "")
     _dry_run(spec)
     tracker = tracker or BadRowTracker(run_name)
 
-    shuffle = FileShuffleConfig(seed=file_shuffle_seed(data_cfg.seed, epoch), reseed_after_execution=False) \
-        if training else None
-    with _parquet_reader(v1=USE_V1_PARQUET_READER):
-        ds = ray.data.read_parquet(paths, filesystem=fs, include_paths=True, shuffle=shuffle)
-    ds = ds.select_columns([*READ_COLUMNS, "path"])  # projection is pushed down into the reader
-    ds = ds.map_batches(_process_batch, batch_format="pyarrow", batch_size=UDF_BATCH_ROWS,
+    # One block per shard file: read tasks run in parallel over files, and each file's blocks
+    # (so each tally key) are the same in every execution.
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    ds = ds.map_batches(_read_shards, batch_format="numpy", batch_size=1,
                         fn_kwargs={"spec": spec, "tracker": tracker})
+    ds = ds.map_batches(_process_batch, batch_format="pyarrow", batch_size=UDF_BATCH_ROWS,
+                        fn_kwargs={"spec": spec})
     ds._sarjepa_bad_rows = tracker  # type: ignore[attr-defined]  # see dataset_tracker
     return ds
-
-
-@contextlib.contextmanager
-def _parquet_reader(v1: bool) -> Iterator[None]:
-    """Pick Ray's Parquet reader for one ``read_parquet`` call (a no-op where Ray has no V1)."""
-    import ray.data  # here, not at the top: importing the data layer must not import Ray
-
-    ctx = ray.data.DataContext.get_current()
-    if not v1 or not hasattr(ctx, "use_datasource_v2"):
-        yield
-        return
-    saved = ctx.use_datasource_v2
-    ctx.use_datasource_v2 = False
-    try:
-        yield
-    finally:
-        ctx.use_datasource_v2 = saved
 
 
 def dataset_tracker(ds: "ray.data.Dataset") -> BadRowTracker:

@@ -12,6 +12,11 @@ Parquet reader can decode it without this package::
 
 Re-writing a dataset writes a new ``data-<version>/`` folder and then swaps the manifest, so a
 reader never sees a half-written dataset; older versions are removed after the swap.
+
+One writer at a time: ``ShardWriter`` used as a context manager holds ``DEST/.sarjepa-writer.lock``
+(``WriterLock``: owner, host, pid, expiry) while it writes, so a second writer into the same DEST
+fails at once with ``DatasetLockedError`` naming the owner, instead of deleting the first one's
+version folder when it commits.
 """
 
 from __future__ import annotations
@@ -21,13 +26,16 @@ import hashlib
 import io
 import json
 import os
+import socket
 import sys
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from sarjepa_dist import storage
@@ -54,6 +62,10 @@ METADATA_COLUMNS = ("depression_deg", "azimuth_deg", "sensor", "source_path")
 
 class ShardError(SarjepaError, ValueError):
     """A dataset or row is malformed; the message names the file and row."""
+
+
+class DatasetLockedError(SarjepaError):
+    """Another writer holds the dataset's writer lock; the message names it and the lock file."""
 
 
 class BadChip(ValueError):
@@ -199,6 +211,88 @@ def scrub_command(argv: list[str]) -> list[str]:
 # --------------------------------------------------------------------------- writing
 
 
+LOCK_NAME = ".sarjepa-writer.lock"
+LOCK_TTL_S = 3600.0  # a lock not refreshed for this long is taken to be a dead writer's
+S3_LOCK_SETTLE_S = 1.0  # S3: wait before reading a written lock back (see WriterLock.acquire)
+
+
+class WriterLock:
+    """The lock object ``DEST/.sarjepa-writer.lock``: JSON with owner, host, pid, token and expiry.
+
+    ``acquire`` refuses (``DatasetLockedError``) while another writer's unexpired lock is there.
+    Locally the lock file is created with O_EXCL (atomic). S3 has no create-if-absent here
+    (pyarrow), so the lock is written, left ``S3_LOCK_SETTLE_S`` to settle and read back: of two
+    writers whose writes land within that time, the one whose write landed last wins and the other
+    is refused. ``refresh`` pushes the expiry on (the writer calls it at every shard), ``release``
+    removes the lock if it is still ours. An expired lock (a writer killed without releasing) is
+    taken over.
+    """
+
+    def __init__(self, root: str, *, ttl_s: float = LOCK_TTL_S, owner: str | None = None):
+        self.root = str(root)
+        self.uri = storage.join(self.root, LOCK_NAME)
+        self.ttl_s = ttl_s
+        self.owner = owner or " ".join(scrub_command(sys.argv[:3])) or "python"
+        self.token = uuid.uuid4().hex
+        self.held = False
+
+    def _record(self) -> dict[str, Any]:
+        now = time.time()
+        return {"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(), "token": self.token,
+                "acquired_at": now, "expires_at": now + self.ttl_s}
+
+    def _read(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(storage.read_text(self.uri))
+        except storage.StorageError:
+            return None if not storage.exists(self.uri) else {"owner": "<unreadable lock>", "expires_at": 0}
+        except json.JSONDecodeError:
+            return {"owner": "<unreadable lock>", "expires_at": 0}
+
+    def _refuse(self, other: dict[str, Any]) -> DatasetLockedError:
+        until = _dt.datetime.fromtimestamp(float(other.get("expires_at", 0)), _dt.timezone.utc)
+        return DatasetLockedError(
+            f"{storage.redact(self.root)}: another writer is writing this dataset ({other.get('owner')!r} on "
+            f"{other.get('host')}, pid {other.get('pid')}); its lock {storage.redact(self.uri)} holds until "
+            f"{until.isoformat(timespec='seconds')}. Wait for it to finish, write to another DEST, or, if "
+            f"that writer is dead, delete the lock file")
+
+    def acquire(self) -> "WriterLock":
+        other = self._read()
+        if other is not None and other.get("token") != self.token and float(other.get("expires_at", 0)) > time.time():
+            raise self._refuse(other)
+        record = json.dumps(self._record())
+        fs, path = storage.resolve(self.uri)
+        if isinstance(fs, pafs.LocalFileSystem) and other is None:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                raise self._refuse(self._read() or {}) from None
+            with os.fdopen(fd, "w") as f:
+                f.write(record)
+        else:
+            storage.write_text(self.uri, record)
+            if storage.is_s3(self.uri):
+                time.sleep(S3_LOCK_SETTLE_S)
+        now_there = self._read()
+        if now_there is None or now_there.get("token") != self.token:
+            raise self._refuse(now_there or {})
+        self.held = True
+        return self
+
+    def refresh(self) -> None:
+        if self.held:
+            storage.write_text(self.uri, json.dumps(self._record()))
+
+    def release(self) -> None:
+        if self.held:
+            current = self._read()
+            if current is not None and current.get("token") == self.token:
+                storage.delete_file(self.uri)
+            self.held = False
+
+
 @dataclass
 class ChipRecord:
     chip_id: str
@@ -215,12 +309,13 @@ class ShardWriter:
     """Accumulate chips, cut Parquet shards at ~``target_shard_mib``, then ``commit`` a manifest.
 
     Use as a context manager; leaving the block with an exception leaves the previous dataset (if
-    any) untouched and removes the partial version folder.
+    any) untouched and removes the partial version folder. The block holds the dataset's
+    ``WriterLock`` (``exclusive=False``: no lock, for writers that coordinate themselves).
     """
 
     def __init__(self, root: str, *, class_names: list[str] | None = None, source: str = "",
                  crop_policy: dict[str, Any] | None = None, target_shard_mib: float = 128.0,
-                 command: list[str] | None = None, row_group_rows: int = 1024):
+                 command: list[str] | None = None, row_group_rows: int = 1024, exclusive: bool = True):
         if target_shard_mib <= 0:
             raise ShardError(f"target_shard_mib = {target_shard_mib} must be > 0")
         self.root = str(root)
@@ -242,15 +337,22 @@ class ShardWriter:
         self._shape: list[int] | None = None
         self._dtype: str | None = None
         self._committed = False
+        self.lock = WriterLock(self.root) if exclusive else None
 
     # -- context manager
     def __enter__(self) -> "ShardWriter":
+        if self.lock is not None:
+            self.lock.acquire()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        # leaving without commit (error or not) must not leave an orphaned version folder
-        if not self._committed:
-            self.abort()
+        try:
+            # leaving without commit (error or not) must not leave an orphaned version folder
+            if not self._committed:
+                self.abort()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
 
     # -- adding
     def add(self, rec: ChipRecord) -> None:
@@ -293,6 +395,8 @@ class ShardWriter:
         self._shards.append(ShardInfo(rel, table.num_rows, hashlib.sha256(payload).hexdigest(), len(payload)))
         self._rows = {f.name: [] for f in CHIP_SCHEMA}
         self._pending_bytes = 0
+        if self.lock is not None:
+            self.lock.refresh()
 
     # -- finishing
     def commit(self) -> Manifest:

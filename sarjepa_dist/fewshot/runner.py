@@ -218,7 +218,7 @@ def run_fewshot(cfg: Config) -> FewshotResult:
         "paired": [row for enc in sources if not enc.is_baseline for ref in sources
                    if ref.is_reference and ref is not enc for row in paired_differences(runs, enc.name, ref.name)],
         "runs": [r.to_dict() for r in runs],
-        "config": cfg.to_dict(),
+        "config": storage.redact_tree(cfg.to_dict()),
     }
     uris = write_report(few.out, results)
     log.info("few-shot report: %s", uris["report"])

@@ -8,7 +8,15 @@ crash mid-save never leaves a half-written checkpoint under the real name):
     state.json         caller's loop state (step, epoch, data position, schedules)
     rng.pt             torch / CUDA / numpy / python RNG states, as tensors only (weights_only=True)
     config.json        the full Config as a dict
+    <extra files>      the caller's (the training loop adds its metrics history and bad-row tally)
     meta.json          caller's meta (run name, step, dataset_id, ...) plus checkpoint_id, format
+                       and ``files``: the sha256 of every other file, recorded as it was written
+
+Integrity: nothing is unpickled beyond tensors (safetensors; ``torch.load(weights_only=True)``, and
+a file that needs more is refused with ``CheckpointIntegrityError``), and every loader checks the
+files against ``meta.json``'s sha256 first, so a checkpoint changed or truncated after it was
+written is refused, naming the file. Exports record ``weights_sha256`` in ``encoder.json`` and are
+checked the same way.
 
 Export directory: ``encoder.safetensors`` (the EMA encoder's timm ``VisionTransformer`` state
 dict, so ``VisionTransformer(**timm_kwargs)`` loads it with no project code) and ``encoder.json``
@@ -20,8 +28,10 @@ Paths are local here; the storage layer copies from/to S3 around these calls whe
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import pickle
 import random
 import shutil
 import time
@@ -37,6 +47,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from sarjepa_dist.config import Config, ModelConfig, config_from_dict, to_plain
+from sarjepa_dist.errors import SarjepaError
 from sarjepa_dist.model.encoder import MaskedViT, build_encoder, encoder_timm_kwargs
 
 MODEL_FILE = "model.safetensors"
@@ -50,6 +61,11 @@ EXPORT_INFO = "encoder.json"
 FORMAT_VERSION = 1
 
 
+class CheckpointIntegrityError(SarjepaError, ValueError):
+    """A checkpoint or export file differs from the sha256 recorded when it was written, or holds
+    pickled objects that are not tensors; the message names the file."""
+
+
 # --------------------------------------------------------------------------- small helpers
 
 
@@ -59,6 +75,38 @@ def _write_json(path: Path, obj: Any) -> None:
 
 def _read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_files(folder: str | os.PathLike, recorded: dict[str, str] | None, where: str) -> None:
+    """Refuse (``CheckpointIntegrityError``) when a file of ``folder`` differs from its recorded
+    sha256. Files absent here are skipped: remote loaders fetch only the files they read, and a
+    loader that needs a missing file says so itself. ``recorded`` None: a checkpoint written
+    before hashes were recorded."""
+    for name, expected in (recorded or {}).items():
+        path = Path(folder) / name
+        if path.is_file() and file_sha256(path) != expected:
+            raise CheckpointIntegrityError(
+                f"{path}: its sha256 differs from the one {where} recorded when it was written; the file "
+                f"was changed or truncated since. Refusing to load it: use another checkpoint or re-export")
+
+
+def _load_tensors_only(path: Path, map_location: str | torch.device) -> Any:
+    """``torch.load(weights_only=True)``; a pickle that asks for more is refused, naming the file."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointIntegrityError(
+            f"{path}: refused: it holds pickled objects that are not tensors, and loading it could run "
+            f"code ({str(exc).splitlines()[0]}); sarjepa writes tensors only, so this file did not "
+            f"come from a sarjepa checkpoint as written") from exc
 
 
 def new_checkpoint_id() -> str:
@@ -128,10 +176,12 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 
 
 def save_checkpoint_dir(directory: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-                        state: dict[str, Any], config_dict: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+                        state: dict[str, Any], config_dict: dict[str, Any], meta: dict[str, Any],
+                        extra_files: dict[str, str | bytes] | None = None) -> dict[str, Any]:
     """Write a checkpoint directory atomically; returns the meta written (with ``checkpoint_id``).
 
     ``model`` must be the unwrapped SarJEPA (not DDP/compiled), so keys carry no wrapper prefix.
+    ``extra_files``: more files (name → text or bytes) for the folder, hashed like the rest.
     """
     final = Path(directory)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -148,6 +198,9 @@ def save_checkpoint_dir(directory: str | os.PathLike, model: nn.Module, optimize
         torch.save(capture_rng_state(), tmp / RNG_FILE)
         _write_json(tmp / STATE_FILE, state)
         _write_json(tmp / CONFIG_FILE, config_dict)
+        for name, content in (extra_files or {}).items():
+            (tmp / name).write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
+        meta["files"] = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         _write_json(tmp / META_FILE, meta)  # last: its presence marks a complete directory
         _replace_dir(tmp, final)
     except BaseException:
@@ -162,18 +215,21 @@ def load_checkpoint_dir(directory: str | os.PathLike, model: nn.Module,
     """Load weights (strict) and, if given, optimizer state; returns (state, meta).
 
     Tensors are read with safetensors / ``torch.load(weights_only=True)``: no pickled code runs.
+    Every file is checked against the sha256 in ``meta.json`` first (``CheckpointIntegrityError``).
     """
     d = Path(directory)
     if not (d / META_FILE).exists() or not (d / MODEL_FILE).exists():
         raise FileNotFoundError(f"{d} is not a checkpoint directory (needs {MODEL_FILE} and {META_FILE})")
+    meta = _read_json(d / META_FILE)
+    verify_files(d, meta.get("files"), str(d / META_FILE))
     model.load_state_dict(load_file(str(d / MODEL_FILE), device="cpu"), strict=True)
     if optimizer is not None:
         if not (d / OPTIM_FILE).exists():
             raise FileNotFoundError(f"{d} holds no {OPTIM_FILE}; load without an optimizer or pick another checkpoint")
-        optimizer.load_state_dict(torch.load(d / OPTIM_FILE, map_location=map_location, weights_only=True))
+        optimizer.load_state_dict(_load_tensors_only(d / OPTIM_FILE, map_location))
     if restore_rng and (d / RNG_FILE).exists():
-        restore_rng_state(torch.load(d / RNG_FILE, map_location="cpu", weights_only=True))
-    return _read_json(d / STATE_FILE), _read_json(d / META_FILE)
+        restore_rng_state(_load_tensors_only(d / RNG_FILE, "cpu"))
+    return _read_json(d / STATE_FILE), meta
 
 
 def is_checkpoint_dir(path: str | os.PathLike) -> bool:
@@ -224,8 +280,10 @@ def _encoder_info(cfg: Config, timm_kwargs: dict[str, Any], weights: str, meta: 
 
 
 def _checkpoint_parts(checkpoint_dir: Path) -> tuple[Config, dict[str, Any], dict[str, Any]]:
-    cfg = config_from_dict(_read_json(checkpoint_dir / CONFIG_FILE))
+    """Config, meta and state of a checkpoint whose files passed the sha256 check."""
     meta = _read_json(checkpoint_dir / META_FILE) if (checkpoint_dir / META_FILE).exists() else {}
+    verify_files(checkpoint_dir, meta.get("files"), str(checkpoint_dir / META_FILE))
+    cfg = config_from_dict(_read_json(checkpoint_dir / CONFIG_FILE))
     state = _read_json(checkpoint_dir / STATE_FILE) if (checkpoint_dir / STATE_FILE).exists() else {}
     return cfg, meta, state
 
@@ -251,6 +309,7 @@ def export_encoder(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike
     tmp_w, tmp_j = out / f".{EXPORT_WEIGHTS}.{tag}", out / f".{EXPORT_INFO}.{tag}"
     try:
         save_file(tensors_for_safetensors(weights), str(tmp_w), metadata={"format": "sarjepa-encoder"})
+        info["weights_sha256"] = file_sha256(tmp_w)
         _write_json(tmp_j, info)
         os.replace(tmp_w, out / EXPORT_WEIGHTS)
         os.replace(tmp_j, out / EXPORT_INFO)
@@ -271,10 +330,16 @@ def _export_paths(spec: Path) -> tuple[Path, Path]:
                             f"an exported encoder needs its sidecar json")
 
 
+def _verify_export(weights: Path, info: dict[str, Any], sidecar: Path) -> None:
+    if "weights_sha256" in info:
+        verify_files(weights.parent, {weights.name: info["weights_sha256"]}, str(sidecar))
+
+
 def load_timm_from_export(path: str | os.PathLike) -> VisionTransformer:
     """A plain timm ``VisionTransformer`` (eval mode) from an export dir or its ``.safetensors``."""
     weights, sidecar = _export_paths(Path(path))
     info = _read_json(sidecar)
+    _verify_export(weights, info, sidecar)
     vit = VisionTransformer(**info["timm_kwargs"])
     vit.load_state_dict(load_file(str(weights), device="cpu"), strict=True)
     return vit.eval()
@@ -317,6 +382,7 @@ def load_encoder(spec: str | os.PathLike, *, model_cfg: ModelConfig | None = Non
     elif path.exists():
         weights_file, sidecar = _export_paths(path)
         info = {"source": "export", "spec": text, **_read_json(sidecar)}
+        _verify_export(weights_file, info, sidecar)
         timm_kwargs = info["timm_kwargs"]
         weights = load_file(str(weights_file), device="cpu")
     else:

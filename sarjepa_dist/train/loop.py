@@ -48,6 +48,7 @@ _log = logging.getLogger(__name__)
 _progress = logging.getLogger("sarjepa_dist.train.progress")
 
 COLLAPSE_SUBSAMPLE = 16  # chips of the current batch used for the collapse figures
+BAD_ROWS_FILE = "bad_rows.json"  # the run's bad-row tally (badrows.BadRowTracker.state), per checkpoint
 
 
 @dataclass
@@ -175,6 +176,7 @@ class _Trainer:
         self.state = LoopState(world_size=self.world, schedules=self.schedules.state_dict())
         self.history: list[dict[str, Any]] = []
         self.resumed_from: int | None = None
+        self.saved_bad_rows: dict[str, Any] | None = None  # the bad-row tally of the checkpoint resumed
         self._restore(ray.train.get_checkpoint())
         # Per-rank RNG streams for anything outside the mask generator (e.g. drop-path).
         torch.manual_seed(self.cfg.train.seed * 1_000_003 + self.rank * 7919 + self.state.step)
@@ -185,6 +187,8 @@ class _Trainer:
         self.tracker = None
         if self.info.bad_rows_run_name and self.rank == 0:
             self.tracker = BadRowTracker(self.info.bad_rows_run_name)
+            if self.saved_bad_rows is not None:  # the run's tally survives restarts and relaunches
+                self.tracker.restore(self.saved_bad_rows)
         self.tb = TensorBoardLogger(self.info.run_uri) if self.rank == 0 else None
 
     def _build_method(self) -> None:
@@ -398,12 +402,13 @@ class _Trainer:
                 "std_pred": pred["std"], "eff_rank_pred": pred["effective_rank"]}
 
     def _bad_row_metrics(self) -> dict[str, Any]:
-        """This launch's bad-row tally (all epochs); stops the run past data.max_bad_fraction."""
+        """The run's bad-row tally (all epochs, all launches); stops the run past data.max_bad_fraction."""
         if self.tracker is None:
             return {}
         data = self.cfg.data
         snap = self.tracker.check(data.max_bad_fraction, min_seen=10 * data.batch_size)
-        metrics: dict[str, Any] = {"bad_rows_total": sum(snap["counts"].values()), "bad_rows_seen": snap["seen"]}
+        metrics: dict[str, Any] = {"bad_rows_total": sum(snap["counts"].values()), "bad_rows_seen": snap["seen"],
+                                   "bad_shards_quarantined": len(snap["quarantined"])}
         for reason, n in sorted(snap["counts"].items()):
             metrics[f"bad_rows/{reason}"] = n
         self.tracker.warn_new(snap)
@@ -434,18 +439,18 @@ class _Trainer:
             "dataset_id": self.info.dataset_id,
             "dataset_path": storage.redact(self.info.dataset_path),
             "world_size": self.world,
-            "run_uri": self.info.run_uri,
+            "run_uri": storage.redact(self.info.run_uri),
             "torch_version": torch.__version__,
         }
         probed = [row for row in self.history if "probe_step" in row]
         if probed:  # the latest online-probe figures, so `inspect CHECKPOINT` shows how good it was
             meta["probe"] = {k: v for k, v in probed[-1].items() if k.startswith("probe_")}
-        written = save_checkpoint_dir(directory, self.model, self.optimizer, asdict(self.state),
-                                      self.cfg.to_dict(), meta)
-        with open(os.path.join(directory, HISTORY_FILE), "w") as f:
-            for row in self.history:
-                f.write(json.dumps(row, default=str) + "\n")
-        return written
+        extra = {HISTORY_FILE: "".join(json.dumps(row, default=str) + "\n" for row in self.history)}
+        if self.tracker is not None:
+            # Epochs before the current one are never read again after a resume: keep their totals only.
+            extra[BAD_ROWS_FILE] = json.dumps(self.tracker.state(close_before=self.state.epoch))
+        return save_checkpoint_dir(directory, self.model, self.optimizer, asdict(self.state),
+                                   storage.redact_tree(self.cfg.to_dict()), meta, extra_files=extra)
 
     def _restore(self, checkpoint: ray.train.Checkpoint | None) -> None:
         if checkpoint is None:
@@ -459,6 +464,10 @@ class _Trainer:
             if os.path.exists(hist_path):
                 with open(hist_path) as f:
                     self.history = [json.loads(line) for line in f if line.strip()]
+            bad_rows_path = os.path.join(d, BAD_ROWS_FILE)
+            if os.path.exists(bad_rows_path):
+                with open(bad_rows_path) as f:
+                    self.saved_bad_rows = json.load(f)
         # Resume is by step: the schedules, the EMA ramp and the mask generator are functions of
         # the global step, so every curve continues exactly from the saved one.
         self.state = LoopState.from_dict(state)

@@ -26,7 +26,8 @@ run records. Each report (every ``log_every`` steps, and at every checkpoint) ca
   rank);
 * rank 0's figures: ``std_target`` / ``eff_rank_target`` / ``std_pred`` / ``eff_rank_pred``
   (collapse figures on a 16-chip subsample) and ``bad_rows_total`` / ``bad_rows_seen`` /
-  ``bad_rows/<reason>`` (this launch's pipeline, all epochs);
+  ``bad_rows/<reason>`` / ``bad_shards_quarantined`` (the run's tally: all epochs, every launch;
+  it is saved in each checkpoint as ``bad_rows.json``);
 * at a checkpoint (the last step included): ``checkpoint_id``, ``param_sha256``,
   ``param_sha256_per_rank``, ``ranks_in_sync`` and ``worker_nodes``;
 * with ``probe.every > 0``, from the online probe's last run: ``probe_knn`` / ``probe_linear``

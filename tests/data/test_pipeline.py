@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -24,10 +25,10 @@ import torch
 from sarjepa_dist import storage
 from sarjepa_dist.config import AugmentConfig, DataConfig, GradientConfig
 from sarjepa_dist.data import shards
-from sarjepa_dist.data.badrows import BadDataError, BadRowTracker, BadRowWarning
+from sarjepa_dist.data.badrows import BadDataError, BadRowTracker, BadRowWarning, _BadRowCounter
 from sarjepa_dist.engine import make_inputs_on_device
 from sarjepa_dist.data.pipeline import (
-    _process_batch, _Spec, build_dataset, chip_seed, dataset_tracker, file_shuffle_seed,
+    _process_batch, _read_one_shard, _Spec, build_dataset, chip_seed, dataset_tracker, file_shuffle_seed,
     split_for_consumers, stable_seed, transform_chip,
 )
 from sarjepa_dist.train.batches import iter_train_batches
@@ -158,43 +159,36 @@ def by_chip(batches: list[dict], keys: tuple[str, ...]) -> dict[str, dict[str, t
 # --------------------------------------------------------------------------- no Ray needed
 
 
-class _FakeTracker:
-    def __init__(self):
-        self.calls: list[tuple[int, dict, list]] = []
-
-    def report(self, seen, bad, examples):
-        self.calls.append((seen, dict(bad), list(examples)))
-
-
-def test_process_batch_skips_and_counts_bad_rows(tmp_path):
+def test_reader_counts_bad_rows_and_process_batch_transforms_the_rest(tmp_path):
     good = write_dataset(str(tmp_path / "ds"))
     manifest = shards.read_manifest(str(tmp_path / "ds"))
     uri = shards.shard_uris(str(tmp_path / "ds"), manifest)[-1]
-    table = pq.read_table(uri, columns=["chip_id", "chip", "chip_shape", "chip_dtype", "label"])
-    table = table.append_column("path", pa.array([uri] * table.num_rows))
     cfg = data_cfg(str(tmp_path / "ds"), transform_placement="device")
     spec = _Spec(cfg, GRAD, NEED, True, 0, CHIP_SHAPE, "")
-    fake = _FakeTracker()
-    out = _process_batch(table, spec=spec, tracker=fake)
+    tally = _BadRowCounter()  # the actor's class, used in-process
+    blocks = list(_read_one_shard(uri, 8, spec=spec, filesystem=pafs.LocalFileSystem(), tracker=tally))
+    table = pa.concat_tables(blocks)
+    assert sorted(table.column("chip_id").to_pylist()) == [f"m{i}" for i in range(GOOD_IN_BAD_SHARD)]
+    snap = tally.snapshot()
+    assert snap["seen"] == 8 and snap["counts"] == BAD_COUNTS and not snap["quarantined"]
+    assert {e["chip_id"] for e in snap["examples"]} == {"bad-undecodable", "bad-nan", "bad-inf", "bad-shape"}
+    assert all(e["shard"] == uri for e in snap["examples"])
+
+    out = _process_batch(table, spec=spec)
     assert sorted(out["chip_id"]) == [f"m{i}" for i in range(GOOD_IN_BAD_SHARD)]
     assert out["amplitude"].shape == (GOOD_IN_BAD_SHARD, 1, 24, 24) and out["amplitude"].dtype == np.float32
     assert out["label"].tolist() == [-1] * GOOD_IN_BAD_SHARD  # unlabelled rows
-    (seen, bad, examples), = fake.calls
-    assert seen == 8 and bad == BAD_COUNTS
-    assert {e["chip_id"] for e in examples} == {"bad-undecodable", "bad-nan", "bad-inf", "bad-shape"}
-    assert all(e["shard"] == uri for e in examples)
     # the per-chip result does not depend on which batch the chip is in
-    one = _process_batch(table.slice(0, 1), spec=spec, tracker=None)  # just m0
+    one = _process_batch(table.filter(pa.compute.equal(table["chip_id"], "m0")), spec=spec)
     assert one["chip_id"].tolist() == ["m0"]
     assert np.array_equal(one["amplitude"][0], out["amplitude"][list(out["chip_id"]).index("m0")])
     np.testing.assert_array_equal(
         one["amplitude"][0], transform_chip(good["m0"], cfg, training=True, epoch=0, chip_id="m0").numpy())
 
-    # a batch with only bad rows gives zero rows with the right trailing shapes, in both placements
-    only_bad = table.filter(pa.compute.starts_with(table["chip_id"], "bad"))
+    # an empty batch gives zero rows with the right trailing shapes, in both placements
     for placement, key, trailing in (("device", "amplitude", (1, 24, 24)), ("data", "gfeat", None)):
         spec2 = dataclasses.replace(spec, data_cfg=data_cfg(str(tmp_path / "ds"), transform_placement=placement))
-        empty = _process_batch(only_bad, spec=spec2, tracker=None)
+        empty = _process_batch(table.slice(0, 0), spec=spec2)
         assert empty[key].shape[0] == 0 and len(empty["chip_id"]) == 0
         if trailing:
             assert empty[key].shape[1:] == trailing

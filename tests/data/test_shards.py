@@ -240,3 +240,30 @@ def test_tampered_shard_fails_verification(tmp_path):
     with pytest.raises(ShardError, match="not a readable Parquet"):
         read_table(root)
 
+
+
+def test_second_writer_into_a_dest_being_written_fails_fast(root):
+    first = ShardWriter(root, command=["sarjepa", "ingest", "first"], class_names=["cat"])
+    with first:
+        first.add(ChipRecord("a0", _chips(1, "float32")[0], label=0, class_name="cat"))
+        lock = json.loads(storage.read_text(storage.join(root, shards.LOCK_NAME)))
+        assert lock["pid"] > 0 and lock["expires_at"] > lock["acquired_at"]
+        second = ShardWriter(root, command=["x"])
+        with pytest.raises(shards.DatasetLockedError, match="another writer is writing this dataset") as info:
+            with second:
+                pytest.fail("the second writer got in")
+        assert shards.LOCK_NAME in str(info.value) and "pid" in str(info.value)
+        first.commit()
+    # the first writer's dataset is whole and its lock is gone: the next writer gets in
+    assert read_manifest(root).num_chips == 1
+    assert not storage.exists(storage.join(root, shards.LOCK_NAME))
+    _write(root, _chips(3, "float32"), labelled=False)
+    assert read_manifest(root).num_chips == 3
+
+
+def test_a_dead_writers_expired_lock_is_taken_over(root):
+    dead = shards.WriterLock(root, ttl_s=-1.0, owner="killed ingest").acquire()  # already expired
+    assert dead.held and storage.exists(dead.uri)
+    _write(root, _chips(2, "float32"), labelled=False)
+    assert read_manifest(root).num_chips == 2
+    assert not storage.exists(dead.uri)

@@ -1,8 +1,11 @@
+import dataclasses
+
 import numpy as np
 import pytest
 
-from sarjepa_dist.fewshot.classifiers import (confusion_matrix, knn_predict, linear_probe_predict,
-                                              make_classifier, per_class_accuracy, prototype_predict)
+from sarjepa_dist.fewshot.classifiers import (LinearProbeConfig, confusion_matrix, knn_predict,
+                                              linear_probe_predict, make_classifier, per_class_accuracy,
+                                              prototype_predict)
 from sarjepa_dist.fewshot.protocol import EncoderFeatures, run_protocol, summarise
 
 
@@ -49,6 +52,11 @@ def test_knn_vote_and_ties():
     assert knn_predict(sx, sy, q, 2, k=1).tolist() == [0, 1]
     assert knn_predict(sx, sy, q, 2, k=3).tolist() == [0, 0]  # majority of three
     assert knn_predict(sx, sy, q, 2, k=50).tolist() == [0, 0]  # k capped at the support size
+    # a real tie: k=2, one voter per class; the larger summed similarity wins, whichever class it is
+    tx, ty = np.array([[1, 0], [0, 1]], dtype=np.float32), np.array([0, 1])
+    tq = np.array([[0.8, 0.6], [0.6, 0.8]], dtype=np.float32)
+    assert knn_predict(tx, ty, tq, 2, k=2).tolist() == [0, 1]
+    assert knn_predict(tx, ty[::-1].copy(), tq, 2, k=2).tolist() == [1, 0]
 
 
 def test_prototype_never_predicts_an_absent_class():
@@ -63,6 +71,15 @@ def test_linear_probe_is_deterministic_per_seed():
     a = linear_probe_predict(x, y, x, 5)
     b = linear_probe_predict(x, y, x, 5)
     assert (a == b).all() and (a == y).all()
+    # the seed is what decides: on an ambiguous task (random labels, few steps) another seed's
+    # initialisation changes some predictions, the same seed none
+    rng = np.random.default_rng(0)
+    hx, hq = rng.normal(size=(20, 16)).astype(np.float32), rng.normal(size=(300, 16)).astype(np.float32)
+    hy = rng.integers(0, 5, 20)
+    short = LinearProbeConfig(epochs=3)
+    seed0 = linear_probe_predict(hx, hy, hq, 5, short)
+    assert (linear_probe_predict(hx, hy, hq, 5, short) == seed0).all()
+    assert (linear_probe_predict(hx, hy, hq, 5, dataclasses.replace(short, seed=1)) != seed0).any()
 
 
 def test_confusion_and_per_class():

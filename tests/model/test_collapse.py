@@ -18,5 +18,14 @@ def test_random_vs_collapsed():
 
 
 def test_subsamples_large_inputs():
-    out = collapse_stats(torch.randn(50_000, 32), max_tokens=256)
-    assert out["effective_rank"] <= 32 and set(out) == {"std", "effective_rank"}
+    torch.manual_seed(0)
+    z = torch.randn(50_000, 32)
+    out = collapse_stats(z, max_tokens=256)
+    assert set(out) == {"std", "effective_rank"}
+    # exactly the evenly strided rows are used: the same figures as those 256 rows given directly
+    rows = torch.linspace(0, z.shape[0] - 1, 256).long()
+    assert out == collapse_stats(z[rows], max_tokens=256)
+    # strided, not the first rows: a collapsed head of the input does not decide the figure
+    z[:10_000] = z[0]
+    strided = collapse_stats(z, max_tokens=256)
+    assert strided["effective_rank"] > 20 and collapse_stats(z[:256])["effective_rank"] < 1.01

@@ -164,3 +164,129 @@ def test_gradient_features_export_uses_context_encoder(tmp_path):
     x = tiny_inputs(2)["x"]
     with torch.no_grad():
         torch.testing.assert_close(enc.forward_features_pooled(x), model.encoder.eval().forward_features_pooled(x))
+
+
+# --------------------------------------------------------------------------- integrity
+
+
+class _RunsCode:
+    """A pickle payload that would run code when unpickled (it touches a marker file)."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _rehash(d) -> None:
+    """What an attacker who also edits meta.json does: record the tampered files' hashes."""
+    meta = json.loads((d / "meta.json").read_text())
+    meta["files"] = {name: mio.file_sha256(d / name) for name in meta["files"]}
+    (d / "meta.json").write_text(json.dumps(meta))
+
+
+def test_meta_records_every_files_sha256(tmp_path):
+    cfg = _cfg()
+    model, opt = _trained(cfg, steps=0)
+    meta = mio.save_checkpoint_dir(tmp_path / "ckpt", model, opt, {"step": 0}, cfg.to_dict(), {},
+                                   extra_files={"notes.jsonl": "{}\n"})
+    d = tmp_path / "ckpt"
+    assert set(meta["files"]) == {p.name for p in d.iterdir()} - {"meta.json"}
+    assert meta["files"]["notes.jsonl"] == mio.file_sha256(d / "notes.jsonl")
+    assert json.loads((d / "meta.json").read_text())["files"] == meta["files"]
+
+
+@pytest.mark.parametrize("victim", ["model.safetensors", "optimizer.pt", "config.json", "state.json"])
+def test_tampered_checkpoint_is_refused_naming_the_file(tmp_path, victim):
+    cfg = _cfg()
+    model, opt = _trained(cfg, steps=0)
+    _save(tmp_path, cfg, model, opt)
+    d = tmp_path / "ckpt"
+    data = bytearray((d / victim).read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit
+    (d / victim).write_bytes(bytes(data))
+    fresh, _ = build_method(cfg)
+    with pytest.raises(mio.CheckpointIntegrityError, match=f"{victim}: its sha256 differs"):
+        mio.load_checkpoint_dir(d, fresh, build_optimizer(fresh, cfg.optim))
+    with pytest.raises(mio.CheckpointIntegrityError, match=victim):
+        mio.export_encoder(d, tmp_path / "export")
+    with pytest.raises(mio.CheckpointIntegrityError, match=victim):
+        mio.load_encoder(d)
+    assert not (tmp_path / "export").exists()
+
+
+@pytest.mark.parametrize("victim", ["optimizer.pt", "rng.pt"])
+def test_pickled_payload_is_refused_and_never_runs(tmp_path, victim):
+    cfg = _cfg()
+    model, opt = _trained(cfg, steps=0)
+    _save(tmp_path, cfg, model, opt)
+    d = tmp_path / "ckpt"
+    marker = tmp_path / "payload-ran"
+    torch.save({"state": _RunsCode(str(marker))}, d / victim)
+    _rehash(d)  # the hashes agree: only the tensors-only loader stands between the payload and us
+    fresh, _ = build_method(cfg)
+    with pytest.raises(mio.CheckpointIntegrityError, match=f"{victim}: refused: it holds pickled objects"):
+        mio.load_checkpoint_dir(d, fresh, build_optimizer(fresh, cfg.optim), restore_rng=True)
+    assert not marker.exists()
+
+
+def test_tampered_export_is_refused(tmp_path):
+    cfg = _cfg()
+    model, opt = _trained(cfg, steps=0)
+    _save(tmp_path, cfg, model, opt)
+    out = mio.export_encoder(tmp_path / "ckpt", tmp_path / "export")
+    assert json.loads((out / mio.EXPORT_INFO).read_text())["weights_sha256"] == mio.file_sha256(out / mio.EXPORT_WEIGHTS)
+    mio.load_timm_from_export(out)  # untouched: loads
+    data = bytearray((out / mio.EXPORT_WEIGHTS).read_bytes())
+    data[-5] ^= 0x01
+    (out / mio.EXPORT_WEIGHTS).write_bytes(bytes(data))
+    for load in (mio.load_timm_from_export, mio.load_encoder):
+        with pytest.raises(mio.CheckpointIntegrityError, match="encoder.safetensors: its sha256 differs"):
+            load(out)
+
+
+_KILLED_WRITER = """
+import sys, time, torch
+from safetensors import torch as st
+sys.path.insert(0, {tests!r})
+from test_io import _cfg, _trained, _save
+from sarjepa_dist.model import io as mio
+cfg = _cfg()
+model, opt = _trained(cfg, steps=0)
+from pathlib import Path
+_save(Path({tmp!r}), cfg, model, opt, name="checkpoint_00000004_aaaa")
+real_save = torch.save
+def slow_save(*args, **kwargs):
+    real_save(*args, **kwargs)
+    print("writing", flush=True)
+    time.sleep(60)  # killed here, mid-checkpoint
+mio.torch.save = slow_save
+_save(Path({tmp!r}), cfg, model, opt, name="checkpoint_00000008_bbbb")
+"""
+
+
+def test_kill_during_checkpoint_write_leaves_the_previous_one_latest(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from sarjepa_dist.train.export import find_checkpoint
+
+    code = _KILLED_WRITER.format(tests=str(Path(__file__).parent), tmp=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    choice = find_checkpoint(str(tmp_path))
+    assert choice.step == 2 and choice.uri.endswith("checkpoint_00000004_aaaa")  # _save's step is 2
+    assert not (tmp_path / "checkpoint_00000008_bbbb").exists()  # only a hidden temporary sibling
+    cfg = _cfg()
+    fresh, _ = build_method(cfg)
+    state, _ = mio.load_checkpoint_dir(choice.uri, fresh, build_optimizer(fresh, cfg.optim))
+    assert state["step"] == 2
