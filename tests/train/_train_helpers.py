@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -79,7 +80,8 @@ class InjectedFault(RuntimeError):
 
 @dataclass(frozen=True)
 class FailOnce:
-    """Step hook: fail the worker of ``rank`` right after step ``step``, once.
+    """Step hook: fail the worker of ``rank`` right after step ``step``, once: raise
+    ``InjectedFault``, or with ``sigkill`` kill the worker process outright.
 
     The marker file records the fault, so the worker Ray restarts from the checkpoint carries on.
     """
@@ -87,12 +89,16 @@ class FailOnce:
     step: int
     marker: str
     rank: int = 0
+    sigkill: bool = False
 
     def __call__(self, view: StepView) -> None:
         if view.step != self.step or view.rank != self.rank or os.path.exists(self.marker):
             return
+        how = f"SIGKILL, pid {os.getpid()}" if self.sigkill else "exception"
         with open(self.marker, "w") as f:
-            f.write(f"fault injected at step {view.step} on rank {view.rank}\n")
+            f.write(f"fault injected at step {view.step} on rank {view.rank} ({how})\n")
+        if self.sigkill:
+            os.kill(os.getpid(), signal.SIGKILL)
         raise InjectedFault(f"injected fault at step {view.step} on rank {view.rank}")
 
 

@@ -7,23 +7,16 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import sys
-from dataclasses import dataclass
 
 import pytest
-import ray.cloudpickle
 
-from _train_helpers import NUM_BAD, read_json, tiny_config, write_chip_dataset
+from _train_helpers import NUM_BAD, FailOnce, read_json, tiny_config, write_chip_dataset
 from sarjepa_dist import storage
 from sarjepa_dist.cli import expected_failure
 from sarjepa_dist.data.badrows import BadDataError
-from sarjepa_dist.train.loop import StepView
 
 pytestmark = [pytest.mark.ray]
 
-# the train workers cannot import this module: its step hooks travel by value
-ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 CHIPS = 160  # write_chip_dataset: 4 classes x 40, NUM_BAD of them NaN, 4 shards of 40
 BATCHES_PER_EPOCH = (CHIPS - NUM_BAD) // 8  # one worker, batch 8, drop_last
@@ -88,22 +81,6 @@ def test_bad_row_tally_is_exact_across_a_relaunch(train_ray, tmp_path):
     assert last["bad_rows_seen"] == 2 * CHIPS
 
 
-@dataclass(frozen=True)
-class KillOnce:
-    """Step hook: SIGKILL this worker process right after ``step`` on ``rank``, once (marker file)."""
-
-    step: int
-    marker: str
-    rank: int = 0
-
-    def __call__(self, view: StepView) -> None:
-        if view.step != self.step or view.rank != self.rank or os.path.exists(self.marker):
-            return
-        with open(self.marker, "w") as f:
-            f.write(f"SIGKILL at step {view.step} on rank {view.rank}, pid {os.getpid()}\n")
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def test_sigkilled_worker_resumes_from_latest_checkpoint(train_ray, tmp_path):
     from sarjepa_dist.train.runner import run_pretrain
 
@@ -112,7 +89,7 @@ def test_sigkilled_worker_resumes_from_latest_checkpoint(train_ray, tmp_path):
     marker = str(tmp_path / "killed")
     cfg = tiny_config(root, str(tmp_path / "runs"), "sigkill",
                       train={"steps": 12, "checkpoint_every": 4, "log_every": 2, "max_failures": 1})
-    result = run_pretrain(cfg, step_hooks=[KillOnce(step=7, marker=marker)])
+    result = run_pretrain(cfg, step_hooks=[FailOnce(step=7, marker=marker, sigkill=True)])
     assert os.path.exists(marker), "the fault was not injected"
     assert result.final_step == 12
     steps = [h["step"] for h in result.metrics_history]
