@@ -117,13 +117,11 @@ def test_uri_credentials_are_redacted_in_written_configs():
 
 
 @pytest.mark.faults
-@pytest.mark.xfail(strict=False, reason="tune.py leak: Ray Tune copies AWS_* from the driver into every trial "
-                                        "actor's runtime_env (ENV_VARS_TO_PROPAGATE), which Ray's "
-                                        "runtime_env_agent.log records; fixed in tune.py by another change")
 def test_no_canary_in_any_artefact_of_a_sweep(canary_ray, s3_bucket, tmp_path):
     from sarjepa_dist.tune import run_sweep
 
-    result = run_sweep(_config(s3_bucket, tmp_path))
+    # the probe (on the labelled training chips) is what a sweep ranks and stops trials by
+    result = run_sweep(_config(s3_bucket, tmp_path, probe={"every": 2, "shots": 2, "episodes": 1}))
     assert len(result.rows) == 2
     leaks = _leaks([Path(canary_ray), tmp_path], s3_bucket)
     assert not leaks, "canary found in:\n" + "\n".join(leaks)
