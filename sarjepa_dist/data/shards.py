@@ -264,11 +264,13 @@ class WriterLock:
         record = json.dumps(self._record())
         fs, path = storage.resolve(self.uri)
         if isinstance(fs, pafs.LocalFileSystem) and other is None:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
             try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 raise self._refuse(self._read() or {}) from None
+            except OSError as exc:  # e.g. DEST under a file: the same message as any other failed write
+                raise storage.StorageError(f"{self.root}: cannot write: {storage.redact(str(exc))}") from exc
             with os.fdopen(fd, "w") as f:
                 f.write(record)
         else:
