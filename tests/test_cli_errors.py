@@ -103,6 +103,8 @@ def s3_env(monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", CANARY_SECRET)
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     monkeypatch.setenv("AWS_REGION", "us-east-1")
+    # these cases test the message, not the retry budget: an unreachable endpoint gives up after two tries
+    monkeypatch.setenv("SARJEPA_S3_RETRY_ATTEMPTS", "2")
     for name in ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
         monkeypatch.delenv(name, raising=False)
     return monkeypatch
