@@ -56,3 +56,15 @@ def ray_local(s3_endpoint):
         yield ray
     finally:
         ray.shutdown()
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op thread: on a small shared machine, OpenMP threads spinning against other
+    processes make tiny ops 10-60x slower; these tests measure behaviour, not speed."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -15,13 +15,7 @@ from sarjepa_dist.optim import Schedules, build_optimizer
 from sarjepa_dist.transforms import prepare_inputs
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Shared small CPUs: OpenMP spinning against other processes makes tiny ops far slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _cfg(**model_kw) -> Config:

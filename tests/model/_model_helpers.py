@@ -49,10 +49,6 @@ def replace(cfg: ModelConfig, **kw) -> ModelConfig:
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a small shared machine, OpenMP threads spinning against other
-    processes make tiny ops 10-60x slower; these tests measure behaviour, not speed."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def one_thread(one_torch_thread):
+    """Every model test runs on one intra-op thread (conftest ``one_torch_thread``)."""
     yield
-    torch.set_num_threads(before)

@@ -3,13 +3,14 @@ step hooks (a fault injector and a metric recorder) for ``run_pretrain(step_hook
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import signal
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import ray.cloudpickle
@@ -112,3 +113,47 @@ class RecordEvery:
         if view.rank != 0 or view.step % self.every:
             return None
         return {"hook_step": view.step}
+
+
+MiB = 2**20
+
+
+@contextlib.contextmanager
+def simulated_cluster(worker_nodes: int, worker_cpus: float) -> Iterator[Any]:
+    """``ray.cluster_utils.Cluster``: a head node (1 CPU, for Ray Data) and ``worker_nodes`` nodes of
+    ``worker_cpus`` CPUs and one ``node_slot`` each, so each train worker gets a node of its own."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "object_store_memory": 96 * MiB, "include_dashboard": False})
+    for _ in range(worker_nodes):
+        add_worker_node(cluster, worker_cpus)
+    cluster.wait_for_nodes()
+    _forget_as_current_cluster(cluster.address)
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def add_worker_node(cluster: Any, cpus: float = 1) -> None:
+    cluster.add_node(num_cpus=cpus, resources={"node_slot": 1}, object_store_memory=96 * MiB)
+
+
+def _forget_as_current_cluster(address: str) -> None:
+    """``Cluster`` names itself in /tmp/ray/ray_current_cluster, so every bare ``ray.init()`` on this
+    host (other test runs included) would join it. Drop the pointer when it still names this cluster;
+    the tests connect by explicit address."""
+    from ray._common.utils import get_ray_address_file
+
+    path = get_ray_address_file(None)
+    try:
+        with open(path) as f:
+            if f.read().strip() == address:
+                os.remove(path)
+    except OSError:
+        pass

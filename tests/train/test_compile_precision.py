@@ -66,12 +66,7 @@ def run_steps(cfg: Config, *, compiled: bool) -> tuple[list[float], torch.nn.Mod
     return losses, model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.slow

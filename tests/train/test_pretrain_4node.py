@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import ray.cloudpickle
 
-from _train_helpers import IMG, assert_finite_losses, tiny_config
+from _train_helpers import IMG, add_worker_node, assert_finite_losses, simulated_cluster, tiny_config
 from sarjepa_dist import storage
 from sarjepa_dist.data import shards
 from sarjepa_dist.train.loop import StepView
@@ -30,7 +30,6 @@ from sarjepa_dist.train.loop import StepView
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the hooks travel to the workers by value
 
-MiB = 2**20
 SHARD_SIZES = (12, 36, 60, 84)  # 192 chips: 48 per rank over 4 ranks, 64 over 3; 6 or 8 batches of 8
 BATCH = 8
 
@@ -115,39 +114,8 @@ def assert_exactly_once(epoch: int, rows: list[dict[str, Any]], all_chips: set[s
 @pytest.fixture(scope="module")
 def three_node_cluster():
     """A head node (1 CPU, for Ray Data) and three worker nodes with one ``node_slot`` each."""
-    import ray
-    from ray.cluster_utils import Cluster
-
-    if ray.is_initialized():
-        ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "object_store_memory": 96 * MiB, "include_dashboard": False})
-    for _ in range(3):
-        add_worker_node(cluster)
-    cluster.wait_for_nodes()
-    _forget_as_current_cluster(cluster.address)
-    try:
+    with simulated_cluster(worker_nodes=3, worker_cpus=1) as cluster:
         yield cluster
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-
-
-def add_worker_node(cluster) -> None:
-    cluster.add_node(num_cpus=1, resources={"node_slot": 1}, object_store_memory=96 * MiB)
-
-
-def _forget_as_current_cluster(address: str) -> None:
-    """See test_pretrain_multinode: a bare ``ray.init()`` elsewhere on this host must not join it."""
-    from ray._common.utils import get_ray_address_file
-
-    path = get_ray_address_file(None)
-    try:
-        with open(path) as f:
-            if f.read().strip() == address:
-                os.remove(path)
-    except OSError:
-        pass
 
 
 @pytest.fixture(scope="module")

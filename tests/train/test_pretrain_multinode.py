@@ -7,52 +7,21 @@ so the two ranks land on different nodes (checked through the node ids the loop 
 
 from __future__ import annotations
 
-import os
 
 import pytest
 
-from _train_helpers import NUM_BAD, assert_finite_losses, read_json, tiny_config, write_chip_dataset
+from _train_helpers import (
+    NUM_BAD, assert_finite_losses, read_json, simulated_cluster, tiny_config, write_chip_dataset,
+)
 from sarjepa_dist import storage
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.s3]
 
-MiB = 2**20
-
-
 @pytest.fixture(scope="module")
 def two_node_cluster(s3_endpoint):
     """A head node (1 CPU, for Ray Data) and two worker nodes (2 CPUs and one node_slot each)."""
-    import ray
-    from ray.cluster_utils import Cluster
-
-    if ray.is_initialized():
-        ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "object_store_memory": 96 * MiB, "include_dashboard": False})
-    for _ in range(2):
-        cluster.add_node(num_cpus=2, resources={"node_slot": 1}, object_store_memory=96 * MiB)
-    cluster.wait_for_nodes()
-    _forget_as_current_cluster(cluster.address)
-    try:
+    with simulated_cluster(worker_nodes=2, worker_cpus=2) as cluster:
         yield cluster
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-
-
-def _forget_as_current_cluster(address: str) -> None:
-    """``Cluster`` names itself in /tmp/ray/ray_current_cluster, so every bare ``ray.init()`` on this
-    host (other test runs included) would join it. Drop the pointer when it still names this cluster;
-    this test connects by explicit address."""
-    from ray._common.utils import get_ray_address_file
-
-    path = get_ray_address_file(None)
-    try:
-        with open(path) as f:
-            if f.read().strip() == address:
-                os.remove(path)
-    except OSError:
-        pass
 
 
 def test_two_node_ddp_from_s3_with_resume(two_node_cluster, s3_bucket):
