@@ -124,7 +124,8 @@ def pretrain(cfg: Any, chips: torch.Tensor, probe_set: Any, probe_cfg: ProbeConf
         idx = torch.from_numpy(order[cursor:cursor + batch])
         cursor += batch
         gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        amp = augment_batch(chips[idx], cfg.data.img_size, tuple(aug.crop_scale), aug.flips, aug.rot90, gen)
+        amp = augment_batch(chips[idx], cfg.data.img_size, tuple(aug.crop_scale), aug.flips, aug.rot90, gen,
+                            vertical_flips=aug.vertical_flips)
         inputs = prepare_inputs(amp, cfg.data, cfg.gradient, need)
         masks = sampler.sample(batch, mask_generator(seed, 0, step))
         sm = train_step(model, optimizer, schedules, inputs, masks, step, grad_clip=cfg.optim.grad_clip)

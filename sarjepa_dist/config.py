@@ -142,6 +142,7 @@ class StorageConfig:
 @dataclass
 class AugmentConfig:
     flips: bool = True
+    vertical_flips: bool = True  # with flips: also flip along range (moves the radar; see augment_batch)
     rot90: bool = True
     crop_scale: tuple[float, float] = (0.6, 1.0)  # random-resized-crop area fraction; (1, 1) disables
 

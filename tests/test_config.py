@@ -140,7 +140,7 @@ def test_malformed_overrides_and_files(tmp_path):
 
 def test_to_plain_handles_nested_containers():
     assert to_plain({"a": (1, 2), "b": [AugmentConfig()]}) == {
-        "a": [1, 2], "b": [{"flips": True, "rot90": True, "crop_scale": [0.6, 1.0]}]}
+        "a": [1, 2], "b": [{"flips": True, "vertical_flips": True, "rot90": True, "crop_scale": [0.6, 1.0]}]}
 
 
 def test_predictor_context_choice_is_validated():

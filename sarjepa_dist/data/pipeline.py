@@ -134,7 +134,8 @@ def transform_chip(chip: np.ndarray, data_cfg: DataConfig, *, training: bool, ep
     if training:
         aug = data_cfg.augment
         gen = torch.Generator().manual_seed(chip_seed(data_cfg.seed, epoch, chip_id))
-        out = augment_batch(x, data_cfg.img_size, tuple(aug.crop_scale), aug.flips, aug.rot90, gen)
+        out = augment_batch(x, data_cfg.img_size, tuple(aug.crop_scale), aug.flips, aug.rot90, gen,
+                           vertical_flips=aug.vertical_flips)
     else:
         out = center_resize(x, data_cfg.img_size)
     return out[0].to(torch.float32).contiguous()

@@ -59,7 +59,7 @@ def center_resize(x: torch.Tensor, size: int) -> torch.Tensor:
 
 def augment_batch(x: torch.Tensor, out_size: int, crop_scale: tuple[float, float] = (0.6, 1.0),
                   flips: bool = True, rot90: bool = True,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+                  generator: torch.Generator | None = None, *, vertical_flips: bool = True) -> torch.Tensor:
     """Per-sample random-resized square crop, flips and 90° rotations of a ``(B, C, H, W)`` batch.
 
     For each sample, in this order:
@@ -70,7 +70,7 @@ def augment_batch(x: torch.Tensor, out_size: int, crop_scale: tuple[float, float
        square), i.e. no crop;
     2. resize to ``out_size x out_size`` (bilinear, antialiased; skipped when the side already
        equals ``out_size``);
-    3. ``flips``: horizontal and vertical flip, each with probability 1/2;
+    3. ``flips``: horizontal flip and (if ``vertical_flips``) vertical flip, each with probability 1/2;
     4. ``rot90``: rotation by ``k·90°``, ``k`` uniform in {0, 1, 2, 3}.
 
     All channels of a sample get the same geometry. Every sample draws the same six uniforms from
@@ -82,6 +82,9 @@ def augment_batch(x: torch.Tensor, out_size: int, crop_scale: tuple[float, float
         out_size: output side in pixels.
         crop_scale: ``(low, high)`` area fractions, ``0 < low <= high <= 1``.
         flips, rot90: enable the random flips / rotations.
+        vertical_flips: with ``flips``, flip vertically too. A SAR chip's rows run along range:
+            a vertical flip (or a 90° rotation) moves the radar, and the target's shadow, to a side
+            no real chip has; a horizontal flip mirrors the aspect angle, which real chips do cover.
         generator: a ``torch.Generator`` for reproducible draws; its device is used for the draws.
 
     Returns:
@@ -103,7 +106,7 @@ def augment_batch(x: torch.Tensor, out_size: int, crop_scale: tuple[float, float
         top = min(h - side, int(u_top * (h - side + 1)))
         left = min(w - side, int(u_left * (w - side + 1)))
         view = _resize(x[i:i + 1, :, top:top + side, left:left + side], out_size)
-        dims = [d for d, flip in ((-1, u_h < 0.5), (-2, u_v < 0.5)) if flips and flip]
+        dims = [d for d, flip in ((-1, u_h < 0.5), (-2, vertical_flips and u_v < 0.5)) if flips and flip]
         if dims:
             view = torch.flip(view, dims)
         k = min(3, int(u_rot * 4)) if rot90 else 0

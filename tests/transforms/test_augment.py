@@ -70,6 +70,24 @@ def test_flips_and_rotations_are_dihedral_images(flips, rot90):
     assert len(seen) >= 3  # with 24 samples more than one transform occurs (fixed seed)
 
 
+def test_horizontal_flips_only_keep_the_range_axis():
+    x = chips(b=24, c=1)
+    out = augment_batch(x, 64, (1.0, 1.0), True, False, gen(6), vertical_flips=False)
+    kinds = []
+    for i in range(len(x)):
+        if torch.equal(out[i], x[i]):
+            kinds.append("identity")
+        elif torch.equal(out[i], x[i].flip(-1)):
+            kinds.append("hflip")
+        else:
+            raise AssertionError(f"sample {i} is neither its input nor its horizontal mirror")
+    assert set(kinds) == {"identity", "hflip"}
+    # the same draws with vertical flips allowed give some vertical flips: the flag is what stops them
+    both = augment_batch(x, 64, (1.0, 1.0), True, False, gen(6))
+    assert any(torch.equal(both[i], x[i].flip(-2)) or torch.equal(both[i], x[i].flip(-1).flip(-2))
+               for i in range(len(x)))
+
+
 def test_crop_is_a_window_of_the_input():
     x = chips(b=8, c=1)
     side = 32  # area fraction 0.25 of 64 x 64 -> 32 x 32, already out_size: no resize
