@@ -144,9 +144,13 @@ class StorageConfig:
 
 @dataclass
 class AugmentConfig:
+    # Only what a real acquisition can produce: rows run along range (the radar at the top), so a
+    # vertical flip or a 90° rotation puts the radar and the shadow where no real chip has them; a
+    # horizontal flip mirrors the aspect angle. MSTAR, 3,000 steps, report split: 10-shot linear
+    # 60.5 -> 64.2, k-NN 56.2 -> 59.9 without them (README: learning curves).
     flips: bool = True
-    vertical_flips: bool = True  # with flips: also flip along range (moves the radar; see augment_batch)
-    rot90: bool = True
+    vertical_flips: bool = False  # with flips: also flip along range
+    rot90: bool = False
     crop_scale: tuple[float, float] = (0.6, 1.0)  # random-resized-crop area fraction; (1, 1) disables
 
     def validate(self, p: str = "data.augment") -> None:
@@ -494,7 +498,7 @@ class FewshotConfig:
     # FEATURE_TTAS. hflip: tokens averaged over the chip and its azimuth mirror (MSTAR, 6,000 steps,
     # validation split: 10-shot linear 68.5 -> 76.3). Baselines are mirror-equivariant, so it leaves
     # them unchanged. README: learning curves.
-    tta: str = "none"
+    tta: str = "hflip"
     linear_epochs: int = 100
     knn_k: int = 1
     batch_size: int = 64

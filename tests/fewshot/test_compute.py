@@ -28,7 +28,7 @@ def test_hflip_encoder_features_average_the_chip_and_its_mirror():
     cfg = cfg_with(tta="hflip")
     src = encoder_source("random-init", cfg)
     assert src.recipe.tta == "hflip" and "hflip view" in src.domain_description
-    assert src.fingerprint != encoder_source("random-init", cfg_with()).fingerprint  # cached apart
+    assert src.fingerprint != encoder_source("random-init", cfg_with(tta="none")).fingerprint  # cached apart
     model = build_model(src.recipe, src.state)
     chips = blob_chips(np.arange(4) % 2, size=16)
     feats = compute_features(chips, src.recipe, model)
@@ -39,6 +39,9 @@ def test_hflip_encoder_features_average_the_chip_and_its_mirror():
         plain = pool_tokens(model(inp), model.grid_size, "mean")
     np.testing.assert_allclose(feats, both.numpy(), rtol=1e-5, atol=1e-5)
     assert not np.allclose(feats, plain.numpy(), atol=1e-4)
+    none = encoder_source("random-init", cfg_with(tta="none"))
+    np.testing.assert_allclose(compute_features(chips, none.recipe, build_model(none.recipe, none.state)),
+                               plain.numpy(), rtol=1e-5, atol=1e-5)
     mirrored = compute_features(chips[..., ::-1].copy(), src.recipe, model)
     np.testing.assert_allclose(feats, mirrored, rtol=1e-4, atol=1e-5)  # mirror-invariant
 
