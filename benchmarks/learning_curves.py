@@ -258,7 +258,7 @@ def main() -> None:
         table = {f"{r.encoder}|{r.method}|{r.shots}": [round(100 * r.interval.mean, 1),
                                                         round(100 * (r.interval.half_width or 0), 1)]
                  for r in summarise(runs)}
-        paired = paired_table(runs, report_feats)
+        paired = {**paired_table(runs, report_feats), **linear_vs_knn_table(runs, report_feats)}
         results["report"] = {"split": split.description, "shots": shots, "seeds": args.seeds,
                              "accuracy_pct_mean_halfwidth": table, "paired_pct_mean_halfwidth": paired}
         print("\nreport split: accuracy % (mean ± 95% interval)")
@@ -272,6 +272,29 @@ def main() -> None:
     (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2, default=float))
     plot(results, RESULTS / f"{stem}.png")
     print(f"saved {RESULTS / stem}.json/.png")
+
+
+def linear_vs_knn_table(runs: Any, feats: dict[str, EncoderFeatures]) -> dict[str, list[float]]:
+    """Each pretrained encoder under the linear probe minus each baseline under k-NN: the pairing
+    the goal needs (an encoder's best probe on the validation split is linear, every baseline's is
+    k-NN). Every (K, seed) shares its support set across encoders and methods, so it pairs."""
+    from sarjepa_dist.fewshot.stats import mean_interval
+
+    acc = {(r.encoder, r.method, r.shots, r.seed): r.accuracy for r in runs}
+    baselines = [n for n in feats if "/" not in n]
+    out = {}
+    for name in feats:
+        if "/" not in name or name.startswith("random-init/"):
+            continue
+        for ref in baselines:
+            for k in sorted({key[2] for key in acc}):
+                diffs = [a - acc[(ref, "knn", k, seed)] for (e, m, kk, seed), a in acc.items()
+                         if e == name and m == "linear" and kk == k and (ref, "knn", k, seed) in acc]
+                if diffs:
+                    iv = mean_interval(diffs)
+                    out[f"{name} (linear) − {ref} (knn)|{k}"] = [round(100 * iv.mean, 1),
+                                                                 round(100 * (iv.half_width or 0), 1)]
+    return out
 
 
 def paired_table(runs: Any, feats: dict[str, EncoderFeatures]) -> dict[str, list[float]]:
