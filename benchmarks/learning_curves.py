@@ -60,6 +60,8 @@ VARIANTS: dict[str, list[str]] = {
     "gradient-features": ["model.target_mode=gradient-features", "model.context_domain=gradient"],
 }
 POOLINGS = ("mean", "grid2", "grid4", "centre")
+# test-time views scored on the report split (model/pooling.py encode_tokens); the curves use none
+REPORT_TTAS = ("none", "hflip")
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
@@ -136,8 +138,21 @@ def pretrain(cfg: Any, chips: torch.Tensor, probe_set: Any, probe_cfg: ProbeConf
 
 
 def report_features(encoder: Any, amp_eval: torch.Tensor, cfg: Any, key: str) -> dict[str, np.ndarray]:
+    """``<pooling>`` and ``<pooling>+<tta>`` features for every pooling and test-time view."""
     x = prepare_inputs(amp_eval, cfg.data, cfg.gradient, need=(key,))[key]
-    return {p: f.numpy() for p, f in embed(encoder, x, POOLINGS).items()}
+    out: dict[str, np.ndarray] = {}
+    for tta in REPORT_TTAS:
+        suffix = "" if tta == "none" else f"+{tta}"
+        out.update({p + suffix: f.numpy() for p, f in embed(encoder, x, POOLINGS, tta=tta).items()})
+    return out
+
+
+def load_saved(path: str) -> tuple[Any, dict[str, torch.Tensor], list[str]]:
+    """A saved encoder file (final and init eval-encoder states, overrides) as (model, init, overrides)."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    model, _ = build_method(variant_config(list(saved["overrides"]), 1))
+    model.eval_encoder.load_state_dict(saved["final"])
+    return model, saved["init"], list(saved["overrides"])
 
 
 def baseline_features(amp_eval: torch.Tensor, cfg: Any) -> dict[str, np.ndarray]:
@@ -166,6 +181,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tag", default="", help="suffix of the saved result files")
     ap.add_argument("--no-report", action="store_true", help="curves only (no report-split table)")
+    ap.add_argument("--rescore", action="append", default=[], metavar="NAME=ENCODER.pt",
+                    help="score an encoder this script saved (and its init) on the report split, no training")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("SARJEPA_THREADS", torch.get_num_threads())))
 
@@ -200,18 +217,25 @@ def main() -> None:
                  "report_pool": len(split.pool), "report_test": len(split.test)},
         "base": BASE, "variants": {}}
     report_feats: dict[str, EncoderFeatures] = {}
-    for text in [v for v in args.variants.split(",") if v] + args.variant:
-        name, overrides = parse_variant(text)
-        cfg = variant_config(overrides, args.steps)
-        probe_set = build_probe_set(pool_chips.numpy(), labels[split.pool], probe_cfg, cfg.data, cfg.gradient,
-                                    keys=("x", "gx"))
-        t0 = time.time()
-        model, init_state, curve, train_s = pretrain(cfg, pool_chips, probe_set, probe_cfg, args.seed, name)
-        results["variants"][name] = {"overrides": overrides, "curve": curve, "train_seconds": round(train_s, 1),
-                                     "wall_seconds": round(time.time() - t0, 1)}
-        # the final evaluation encoder and its init, for later protocols without retraining
-        torch.save({"final": model.eval_encoder.state_dict(), "init": init_state, "overrides": overrides},
-                   out / f"encoder_{name}{'_' + args.tag if args.tag else ''}.pt")
+    rescore = dict(r.split("=", 1) for r in args.rescore)
+    for text in [v for v in args.variants.split(",") if v] + args.variant + list(rescore):
+        if text in rescore:
+            name = text
+            model, init_state, overrides = load_saved(rescore[name])
+            cfg = variant_config(overrides, args.steps)
+            results["variants"][name] = {"overrides": overrides, "rescored": rescore[name]}
+        else:
+            name, overrides = parse_variant(text)
+            cfg = variant_config(overrides, args.steps)
+            probe_set = build_probe_set(pool_chips.numpy(), labels[split.pool], probe_cfg, cfg.data, cfg.gradient,
+                                        keys=("x", "gx"))
+            t0 = time.time()
+            model, init_state, curve, train_s = pretrain(cfg, pool_chips, probe_set, probe_cfg, args.seed, name)
+            results["variants"][name] = {"overrides": overrides, "curve": curve, "train_seconds": round(train_s, 1),
+                                         "wall_seconds": round(time.time() - t0, 1)}
+            # the final evaluation encoder and its init, for later protocols without retraining
+            torch.save({"final": model.eval_encoder.state_dict(), "init": init_state, "overrides": overrides},
+                       out / f"encoder_{name}{'_' + args.tag if args.tag else ''}.pt")
         if args.no_report:
             continue
         amp_pool = center_resize(chips[split.pool], cfg.data.img_size)
@@ -222,7 +246,7 @@ def main() -> None:
             if state is not None:
                 enc.load_state_dict(state)
             fp, ft = report_features(enc, amp_pool, cfg, key), report_features(enc, amp_test, cfg, key)
-            for p in POOLINGS:
+            for p in fp:
                 report_feats[f"{tag}{name}/{p}"] = EncoderFeatures(fp[p], ft[p])
         if "raw-pixels" not in report_feats:
             bp, bt = baseline_features(amp_pool, cfg), baseline_features(amp_test, cfg)
@@ -234,7 +258,7 @@ def main() -> None:
         table = {f"{r.encoder}|{r.method}|{r.shots}": [round(100 * r.interval.mean, 1),
                                                         round(100 * (r.interval.half_width or 0), 1)]
                  for r in summarise(runs)}
-        paired = paired_table(runs, report_feats)
+        paired = {**paired_table(runs, report_feats), **linear_vs_knn_table(runs, report_feats)}
         results["report"] = {"split": split.description, "shots": shots, "seeds": args.seeds,
                              "accuracy_pct_mean_halfwidth": table, "paired_pct_mean_halfwidth": paired}
         print("\nreport split: accuracy % (mean ± 95% interval)")
@@ -248,6 +272,29 @@ def main() -> None:
     (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2, default=float))
     plot(results, RESULTS / f"{stem}.png")
     print(f"saved {RESULTS / stem}.json/.png")
+
+
+def linear_vs_knn_table(runs: Any, feats: dict[str, EncoderFeatures]) -> dict[str, list[float]]:
+    """Each pretrained encoder under the linear probe minus each baseline under k-NN: the pairing
+    the goal needs (an encoder's best probe on the validation split is linear, every baseline's is
+    k-NN). Every (K, seed) shares its support set across encoders and methods, so it pairs."""
+    from sarjepa_dist.fewshot.stats import mean_interval
+
+    acc = {(r.encoder, r.method, r.shots, r.seed): r.accuracy for r in runs}
+    baselines = [n for n in feats if "/" not in n]
+    out = {}
+    for name in feats:
+        if "/" not in name or name.startswith("random-init/"):
+            continue
+        for ref in baselines:
+            for k in sorted({key[2] for key in acc}):
+                diffs = [a - acc[(ref, "knn", k, seed)] for (e, m, kk, seed), a in acc.items()
+                         if e == name and m == "linear" and kk == k and (ref, "knn", k, seed) in acc]
+                if diffs:
+                    iv = mean_interval(diffs)
+                    out[f"{name} (linear) − {ref} (knn)|{k}"] = [round(100 * iv.mean, 1),
+                                                                 round(100 * (iv.half_width or 0), 1)]
+    return out
 
 
 def paired_table(runs: Any, feats: dict[str, EncoderFeatures]) -> dict[str, list[float]]:
@@ -272,6 +319,8 @@ def plot(results: dict[str, Any], dest: Path) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for name, v in results["variants"].items():
+        if "curve" not in v:  # rescored without training
+            continue
         steps = [r["step"] for r in v["curve"]]
         axes[0].plot(steps, [r["probe_knn"] for r in v["curve"]], label=f"{name} mean")
         axes[0].plot(steps, [r["probe_knn/grid4"] for r in v["curve"]], "--", label=f"{name} grid4")

@@ -72,6 +72,9 @@ FEWSHOT_METHODS = ("linear", "knn", "prototype")
 FEATURE_DOMAINS = ("context", "target")
 # How an encoder's patch tokens become one feature vector (model/pooling.py says what each means).
 FEATURE_POOLINGS = ("mean", "grid2", "grid4", "centre")
+# test-time views an encoder's tokens are averaged over (model/pooling.py): none, or the chip and its
+# azimuth mirror (the one flip a real SAR acquisition can produce; see data.augment.vertical_flips)
+FEATURE_TTAS = ("none", "hflip")
 PROBE_METHODS = ("knn", "linear")
 # train.precision: auto = bf16 autocast on CUDA when train.amp, fp32 elsewhere; bf16 = bf16 autocast
 # on every device (CPU autocast included); fp32 = no autocast.
@@ -141,9 +144,13 @@ class StorageConfig:
 
 @dataclass
 class AugmentConfig:
+    # Only what a real acquisition can produce: rows run along range (the radar at the top), so a
+    # vertical flip or a 90° rotation puts the radar and the shadow where no real chip has them; a
+    # horizontal flip mirrors the aspect angle. MSTAR, 3,000 steps, report split: 10-shot linear
+    # 60.5 -> 64.2, k-NN 56.2 -> 59.9 without them (README: learning curves).
     flips: bool = True
-    vertical_flips: bool = True  # with flips: also flip along range (moves the radar; see augment_batch)
-    rot90: bool = True
+    vertical_flips: bool = False  # with flips: also flip along range
+    rot90: bool = False
     crop_scale: tuple[float, float] = (0.6, 1.0)  # random-resized-crop area fraction; (1, 1) disables
 
     def validate(self, p: str = "data.augment") -> None:
@@ -347,6 +354,7 @@ class ProbeConfig:
     max_per_class: int | None = 60  # probe chips per class (caps the probe's cost); None: all
     methods: list[str] = field(default_factory=lambda: ["knn"])
     pooling: str = "mean"  # mean | grid2 | grid4 | centre (model/pooling.py), as fewshot.pooling
+    tta: str = "none"  # FEATURE_TTAS, as fewshot.tta
     seed: int = 0
 
     def validate(self, p: str = "probe") -> None:
@@ -365,6 +373,7 @@ class ProbeConfig:
         for m in self.methods:
             check_choice(f"{p}.methods[]", m, PROBE_METHODS)
         check_choice(f"{p}.pooling", self.pooling, FEATURE_POOLINGS)
+        check_choice(f"{p}.tta", self.tta, FEATURE_TTAS)
 
 
 # tune.search samplers -> how many arguments each takes (Ray Tune's sampling API, sarjepa_dist/tune/space.py):
@@ -486,6 +495,10 @@ class FewshotConfig:
     # steps: +36 points over random init under the linear probe, while a 4x4 grid falls back to the
     # random-init level; grid4 leads only for short runs, e.g. the demo). README: learning curves.
     pooling: str = "mean"
+    # FEATURE_TTAS. hflip: tokens averaged over the chip and its azimuth mirror (MSTAR, 6,000 steps,
+    # validation split: 10-shot linear 68.5 -> 76.3). Baselines are mirror-equivariant, so it leaves
+    # them unchanged. README: learning curves.
+    tta: str = "hflip"
     linear_epochs: int = 100
     knn_k: int = 1
     batch_size: int = 64
@@ -503,6 +516,7 @@ class FewshotConfig:
             check_choice(f"{p}.methods[]", m, FEWSHOT_METHODS)
         check_choice(f"{p}.feature_domain", self.feature_domain, FEATURE_DOMAINS)
         check_choice(f"{p}.pooling", self.pooling, FEATURE_POOLINGS)
+        check_choice(f"{p}.tta", self.tta, FEATURE_TTAS)
         check_range(f"{p}.linear_epochs", self.linear_epochs, 1)
         check_range(f"{p}.knn_k", self.knn_k, 1)
         check_range(f"{p}.batch_size", self.batch_size, 1)

@@ -23,7 +23,7 @@ from sarjepa_dist.config import DataConfig, GradientConfig, ProbeConfig
 from sarjepa_dist.fewshot.classifiers import LinearProbeConfig, knn_predict, linear_probe_predict
 from sarjepa_dist.model.collapse import collapse_stats
 from sarjepa_dist.model.encoder import MaskedViT
-from sarjepa_dist.model.pooling import pool_tokens
+from sarjepa_dist.model.pooling import encode_tokens, pool_tokens
 from sarjepa_dist.transforms import center_resize, prepare_inputs
 
 
@@ -73,15 +73,16 @@ def build_probe_set(amplitude: np.ndarray | torch.Tensor, labels: np.ndarray, cf
 
 @torch.no_grad()
 def embed(encoder: MaskedViT, x: torch.Tensor, poolings: Sequence[str],
-          batch_size: int = 256) -> dict[str, torch.Tensor]:
-    """Features of ``x`` under each pooling (plus the mean, for the collapse figures), eval mode."""
+          batch_size: int = 256, tta: str = "none") -> dict[str, torch.Tensor]:
+    """Features of ``x`` under each pooling (plus the mean, for the collapse figures), eval mode,
+    tokens averaged over the test-time views ``tta``."""
     was_training = encoder.training
     encoder.eval()
     device = next(encoder.parameters()).device
     out: dict[str, list[torch.Tensor]] = {p: [] for p in {*poolings, "mean"}}
     try:
         for start in range(0, len(x), batch_size):
-            tokens = encoder(x[start:start + batch_size].to(device)).float()
+            tokens = encode_tokens(encoder, x[start:start + batch_size].to(device), encoder.grid_size, tta).float()
             for p in out:
                 out[p].append(pool_tokens(tokens, encoder.grid_size, p).cpu())
     finally:
@@ -114,7 +115,7 @@ def run_probe(encoder: MaskedViT, probe: ProbeSet, input_key: str, cfg: ProbeCon
     """``probe_<method>`` accuracies under ``cfg.pooling`` (and ``probe_<method>/<pooling>`` for
     ``extra_poolings``), ``probe_feat_std`` and ``probe_eff_rank`` of the mean-pooled features."""
     poolings = [cfg.pooling, *[p for p in extra_poolings if p != cfg.pooling]]
-    feats = embed(encoder, probe.inputs[input_key], poolings)
+    feats = embed(encoder, probe.inputs[input_key], poolings, tta=cfg.tta)
     out: dict[str, float] = {}
     for p in poolings:
         suffix = "" if p == cfg.pooling else f"/{p}"

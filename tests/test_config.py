@@ -44,7 +44,7 @@ def test_set_overrides_apply_with_types():
     assert cfg.optim.betas == (0.9, 0.999) and isinstance(cfg.optim.betas, tuple)
     assert cfg.fewshot.shots == [1, 5] and cfg.ray.address is None and cfg.ray.num_cpus == 4
     assert cfg.data.augment.flips is False and cfg.data.augment.crop_scale == (0.5, 1.0)
-    assert cfg.data.augment.rot90 is True  # untouched siblings keep defaults
+    assert cfg.data.augment.rot90 is False and cfg.data.augment.vertical_flips is False  # untouched siblings keep defaults
     assert cfg.gradient.radii == (3, 5)
     assert cfg.tune.grid == {"mask.target_scale": [[0.1, 0.15]]}
 
@@ -56,7 +56,7 @@ def test_yaml_file_with_nested_augment_and_set_precedence(tmp_path):
         "  img_size: 96\n"
         "  conditioning: db\n"
         "  augment:\n"
-        "    rot90: false\n"
+        "    rot90: true\n"
         "    crop_scale: [0.3, 0.9]\n"
         "model:\n"
         "  patch_size: 16\n"
@@ -67,7 +67,7 @@ def test_yaml_file_with_nested_augment_and_set_precedence(tmp_path):
     cfg = load_config(path, overrides=["data.img_size=128"])
     assert cfg.data.img_size == 128  # --set beats the file
     assert cfg.data.conditioning == "db" and cfg.model.patch_size == 16
-    assert cfg.data.augment.rot90 is False and cfg.data.augment.flips is True
+    assert cfg.data.augment.rot90 is True and cfg.data.augment.flips is True
     assert cfg.data.augment.crop_scale == (0.3, 0.9)
     assert cfg.optim.lr == pytest.approx(5e-4) and cfg.optim.ema == (0.99, 1.0)
     base = {"train": {"steps": 7}, "data": {"img_size": 64}}
@@ -140,7 +140,7 @@ def test_malformed_overrides_and_files(tmp_path):
 
 def test_to_plain_handles_nested_containers():
     assert to_plain({"a": (1, 2), "b": [AugmentConfig()]}) == {
-        "a": [1, 2], "b": [{"flips": True, "vertical_flips": True, "rot90": True, "crop_scale": [0.6, 1.0]}]}
+        "a": [1, 2], "b": [{"flips": True, "vertical_flips": False, "rot90": False, "crop_scale": [0.6, 1.0]}]}
 
 
 def test_predictor_context_choice_is_validated():

@@ -3,7 +3,7 @@
 A :class:`FeatureRecipe` says everything besides weights that turns chips into features: the
 centre crop/resize, the conditioning and gradient settings that ``prepare_inputs`` applies, which
 of its outputs feeds the encoder or baseline, and the pooling (``fewshot.pooling`` of the patch tokens for an
-encoder; ``flatten`` or an ``avgpool`` grid for the baselines). The Ray actors and the in-process
+encoder, over the test-time views ``fewshot.tta``; ``flatten`` or an ``avgpool`` grid for the baselines). The Ray actors and the in-process
 extractor both call :func:`features_of_chips`, so they give the same numbers.
 """
 
@@ -19,7 +19,7 @@ import torch
 from sarjepa_dist.config import DataConfig, GradientConfig, to_plain
 from sarjepa_dist.errors import SarjepaError
 from sarjepa_dist.model.encoder import MaskedViT
-from sarjepa_dist.model.pooling import pool_tokens
+from sarjepa_dist.model.pooling import encode_tokens, pool_tokens
 from sarjepa_dist.transforms import center_resize, prepare_inputs
 
 GRADIENT_MAP_GRID = 8
@@ -42,6 +42,7 @@ class FeatureRecipe:
     pooling: str  # encoders: FEATURE_POOLINGS (model/pooling.py); baselines: flatten | avgpool
     pool_grid: int | None = None
     timm_kwargs: dict[str, Any] | None = None
+    tta: str = "none"  # encoders: FEATURE_TTAS, test-time views averaged (model/pooling.py)
 
     def to_dict(self) -> dict[str, Any]:
         return to_plain(dataclasses.asdict(self))
@@ -78,7 +79,8 @@ def compute_features(amplitude: np.ndarray | torch.Tensor, recipe: FeatureRecipe
         if recipe.kind == "encoder":
             if model is None:
                 raise FeatureError("an encoder recipe needs its model")
-            feats = pool_tokens(model(z), model.grid_size, recipe.pooling)
+            feats = pool_tokens(encode_tokens(model, z, model.grid_size, recipe.tta), model.grid_size,
+                                recipe.pooling)
         elif recipe.pooling == "flatten":
             feats = z.flatten(1)
         elif recipe.pooling == "avgpool":

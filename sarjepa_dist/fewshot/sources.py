@@ -175,10 +175,12 @@ def encoder_source(spec: str, cfg: Config, name: str | None = None) -> FeatureSo
     inp, desc = _encoder_input(few.feature_domain, context_domain, target_mode, conditioning, gradient)
     weights = info.get("weights", "unknown")
     desc += f"; {few.pooling}-pooled tokens of the {'EMA target' if weights == 'ema-target' else weights} encoder"
+    if few.tta != "none":
+        desc += f", averaged with its {few.tta} view"
     recipe = FeatureRecipe(kind="encoder", img_size=int(info.get("img_size") or model.img_size),
                            channels=int(info.get("in_chans") or model.in_chans), conditioning=conditioning,
                            gradient=dict(gradient), input=inp, pooling=few.pooling,
-                           timm_kwargs=_json_safe(model.timm_kwargs))
+                           timm_kwargs=_json_safe(model.timm_kwargs), tta=few.tta)
     state = _state_numpy(model)
     info = _json_safe({**info, "spec": storage.redact(spec), "lineage": dict(info.get("lineage") or {}),
                        "conditioning": conditioning, "gradient": gradient, "context_domain": context_domain,

@@ -24,7 +24,8 @@ TINY = {"data": {"img_size": 16}, "gradient": {"radii": [2, 4]},
 
 
 def tiny_cfg(**fewshot):
-    return config_from_dict({**TINY, "fewshot": {"encoders": ["random-init"], **fewshot}})
+    """tta none: these tests compare features with the encoder's own tokens (test_compute covers tta)."""
+    return config_from_dict({**TINY, "fewshot": {"encoders": ["random-init"], "tta": "none", **fewshot}})
 
 
 @pytest.fixture(scope="module")

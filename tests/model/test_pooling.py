@@ -44,3 +44,41 @@ def test_bad_pooling_and_grid_mismatch_are_refused():
         pool_tokens(t, (4, 4), "cls")
     with pytest.raises(ValueError, match="do not fill a 5x5"):
         pool_tokens(t, (5, 5), "mean")
+
+
+def _tiny_encoder():
+    from sarjepa_dist.config import ModelConfig
+    from sarjepa_dist.model.encoder import build_encoder
+
+    torch.manual_seed(0)
+    enc = build_encoder(ModelConfig(encoder="vit_tiny", patch_size=4, depth=2), img_size=16, in_chans=1)
+    return enc.eval()
+
+
+def test_hflip_views_make_features_mirror_invariant():
+    """Averaging a chip with its azimuth mirror: mean features equal for a chip and its mirror, and the
+    token layout of the mirror is the mirrored layout (patch-aligned), while a plain ViT is neither."""
+    from sarjepa_dist.model.pooling import encode_tokens
+
+    enc = _tiny_encoder()
+    x = torch.rand(3, 1, 16, 16)
+    mirror = x.flip(-1)
+    with torch.no_grad():
+        plain, plain_m = encode_tokens(enc, x, enc.grid_size), encode_tokens(enc, mirror, enc.grid_size)
+        tta, tta_m = encode_tokens(enc, x, enc.grid_size, "hflip"), encode_tokens(enc, mirror, enc.grid_size, "hflip")
+    torch.testing.assert_close(plain, enc(x))
+    assert not torch.allclose(pool_tokens(plain, enc.grid_size, "mean"), pool_tokens(plain_m, enc.grid_size, "mean"),
+                              atol=1e-4)
+    torch.testing.assert_close(pool_tokens(tta, enc.grid_size, "mean"), pool_tokens(tta_m, enc.grid_size, "mean"),
+                               atol=1e-5, rtol=1e-5)
+    grid_m = pool_tokens(tta_m, enc.grid_size, "grid2").reshape(3, -1, 2, 2)
+    torch.testing.assert_close(pool_tokens(tta, enc.grid_size, "grid2").reshape(3, -1, 2, 2), grid_m.flip(-1),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_unknown_tta_is_refused():
+    from sarjepa_dist.model.pooling import encode_tokens
+
+    enc = _tiny_encoder()
+    with pytest.raises(ValueError, match="tta = 'rot90'"):
+        encode_tokens(enc, torch.rand(1, 1, 16, 16), enc.grid_size, "rot90")
