@@ -203,7 +203,7 @@ def _read_shards(items: dict[str, np.ndarray], *, spec: _Spec, tracker: BadRowTr
     """Ray Data UDF over shard items (``path``, ``rows``): each shard's good rows, in blocks of
     ``READ_BLOCK_ROWS``. Every block's tally goes to ``tracker`` under the key (epoch, shard,
     block index), which a retried task or a resumed run meets again unchanged."""
-    # Built here, not pickled in: a pickled S3FileSystem loses its retry strategy.
+    # Built here from the task's own environment (endpoint, retry switches), not pickled in.
     filesystem, _ = storage.resolve(spec.shard_prefix or "/")
     for path, rows in zip(items["path"], items["rows"]):
         yield from _read_one_shard(str(path), int(rows), spec=spec, filesystem=filesystem, tracker=tracker)
