@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import ray.cloudpickle
 
+from _figures import record_figure
 from _train_helpers import (RecordChips, assert_exactly_once, assert_finite_losses, read_records,
                             simulated_cluster, tiny_config, write_chip_dataset)
 from sarjepa_dist.train.loop import StepView
@@ -53,8 +54,9 @@ class AwaitRemoval:
         raise RuntimeError(f"node of rank {view.rank} was not removed within {self.timeout_s} s")
 
 
-def _remove_node_when_marked(cluster: Any, marker: str, fit: threading.Thread, timeout_s: float = 300) -> str:
-    """Wait for ``marker`` (a node id), then remove that node; returns the node id."""
+def _remove_node_when_marked(cluster: Any, marker: str, fit: threading.Thread,
+                             timeout_s: float = 300) -> tuple[str, float]:
+    """Wait for ``marker`` (a node id), then remove that node; returns its id and the time it went."""
     deadline = time.monotonic() + timeout_s
     while not os.path.exists(marker):
         assert fit.is_alive() and time.monotonic() < deadline, "the run never reached the removal step"
@@ -64,7 +66,7 @@ def _remove_node_when_marked(cluster: Any, marker: str, fit: threading.Thread, t
     [node] = [n for n in cluster.list_all_nodes() if n.node_id == node_id]
     assert node is not cluster.head_node, "the worker to remove shares the driver's node"
     cluster.remove_node(node, allow_graceful=False)
-    return node_id
+    return node_id, time.time()
 
 
 def test_run_survives_a_removed_node(tmp_path):
@@ -83,9 +85,11 @@ def test_run_survives_a_removed_node(tmp_path):
         box: dict[str, Any] = {}
         fit = threading.Thread(target=_fit, args=(run_pretrain, cfg, hooks, box), daemon=True)
         fit.start()
-        removed = _remove_node_when_marked(cluster, marker, fit)  # Cluster.remove_node: main thread
+        started = time.monotonic()
+        removed, removed_at = _remove_node_when_marked(cluster, marker, fit)  # Cluster.remove_node: main thread
         fit.join(timeout=400)
         assert not fit.is_alive(), "the run did not finish after the node was removed"
+        wall = time.monotonic() - started
     assert "error" not in box, box.get("error")
     result = box["result"]
 
@@ -105,7 +109,13 @@ def test_run_survives_a_removed_node(tmp_path):
         assert len(group) == WORKERS * STEPS_PER_EPOCH, f"epoch {epoch}: {len(group)} batches"
         assert_exactly_once(epoch, group, all_chips, BATCH)
     assert any(r["node"] == removed for r in rows if r["epoch"] == 1)  # the removed node did train epoch 1
-    assert all(r["node"] != removed for r in _finishing_group_by_epoch(rows)[1])
+    final_group = _finishing_group_by_epoch(rows)[1]
+    assert all(r["node"] != removed for r in final_group)
+    record_figure(f"node of rank 1 removed after step {REMOVE_AFTER_STEP} (2 workers, 3 worker nodes)",
+                  final_step=result.final_step, resumed_from_step=resumed[0],
+                  steps_lost=REMOVE_AFTER_STEP - resumed[0], chips_read_twice_per_epoch=0,
+                  recovery_s=round(min(r["t"] for r in final_group) - removed_at, 1), wall_s=round(wall, 1),
+                  test="tests/train/test_node_removal.py")
 
 
 def _finishing_group_by_epoch(rows: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:

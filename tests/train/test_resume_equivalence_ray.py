@@ -16,6 +16,7 @@ import pytest
 
 from safetensors.torch import load_file
 
+from _figures import record_figure
 from _train_helpers import FailOnce, RecordChips, read_records, tiny_config, write_chip_dataset
 from sarjepa_dist import storage
 
@@ -64,3 +65,8 @@ def test_a_killed_and_resumed_run_equals_the_uninterrupted_one(train_ray, tmp_pa
     assert full_weights.keys() == resumed_weights.keys()
     worst = max((full_weights[k].double() - resumed_weights[k].double()).abs().max().item() for k in full_weights)
     assert worst <= 1e-6, f"max abs parameter difference {worst:g} after resuming at step {FAULT_STEP - 1}"
+    record_figure(f"sigkill at step {FAULT_STEP}, resumed mid-epoch: equal to an uninterrupted run",
+                  final_step=resumed.final_step, resumed_from_step=restarts[0], steps_lost=FAULT_STEP - restarts[0],
+                  max_abs_param_diff=worst, same_chips_after_resume=True,
+                  recovery_s=round(after_resume[0]["t"] - os.path.getmtime(marker), 1),
+                  test="tests/train/test_resume_equivalence_ray.py")

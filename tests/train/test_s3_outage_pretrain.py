@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import ray.cloudpickle
 
+from _figures import record_figure
 from _s3_proxy import OutageProxy
 from _train_helpers import tiny_config, write_chip_dataset
 from sarjepa_dist import storage
@@ -122,6 +123,7 @@ def test_pretraining_rides_out_an_outage_during_upload_and_streaming(store_behin
     cfg = _config(root, runs, "outage")
     stop = threading.Event()
     _take_down_on_marks(proxy, marks, {CHECKPOINT_EVERY: ("stall", OUTAGE_S), 5: ("refuse", OUTAGE_S)}, stop)
+    started = time.monotonic()
     try:
         result = run_pretrain(cfg, step_hooks=[AwaitOutage((CHECKPOINT_EVERY, 5), str(marks))])
     finally:
@@ -137,6 +139,11 @@ def test_pretraining_rides_out_an_outage_during_upload_and_streaming(store_behin
         [uri] = [d for d in storage.list_dirs(result.storage_path) if Path(d).name.startswith(f"checkpoint_{step:08d}_")]
         assert _load_verified(uri, cfg, tmp_path)["step"] == step
     assert find_checkpoint(result.storage_path).step == STEPS
+    record_figure(f"S3 down {OUTAGE_S:.0f} s during a checkpoint upload (stalled), then {OUTAGE_S:.0f} s "
+                  "while the next epoch streams (refused)", final_step=result.final_step, steps_lost=0,
+                  restarts=0, shards_quarantined=0, outage_s=2 * OUTAGE_S, wall_s=round(time.monotonic() - started, 1),
+                  connections_stalled=proxy.counts["stalled"], connections_refused=proxy.counts["refused"],
+                  test="tests/train/test_s3_outage_pretrain.py")
 
 
 @pytest.mark.timeout(600)
@@ -161,7 +168,11 @@ def test_an_outage_past_the_retry_budget_fails_with_a_storage_error(store_behind
         proxy.set_mode("up")
     failure = expected_failure(info.value)
     assert isinstance(failure, OSError), f"not a storage error: {info.value!r}"
-    print(f"failed after {time.monotonic() - started:.0f} s: {failure}")
+    failed_after = time.monotonic() - started
     latest = find_checkpoint(storage.join(runs, cfg.train.name))
     assert latest.step == CHECKPOINT_EVERY  # the checkpoint whose upload failed is not taken
     assert _load_verified(latest.uri, cfg, tmp_path)["step"] == CHECKPOINT_EVERY
+    record_figure("S3 down for good from step 7, retry budget 2 attempts", survived=False, failed_clearly=True,
+                  error=storage.redact(str(failure))[:200], failed_after_s=round(failed_after, 1),
+                  latest_checkpoint_step=latest.step, latest_checkpoint_verifies=True,
+                  test="tests/train/test_s3_outage_pretrain.py")

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from _figures import record_figure
 from _tune_helpers import tiny_sweep_config, write_labelled_chips
 from sarjepa_dist.config import load_config
 
@@ -66,9 +67,15 @@ def test_a_sweep_whose_driver_is_killed_resumes_without_rerunning_finished_trial
     [finished] = [t for t, names in before.items() if any(int(n.split("_")[1]) == 12 for n in names)]
     [unfinished] = [t for t in trials if t != finished]
 
+    started = time.monotonic()
     result = run_sweep(load_config(config))
+    relaunch_s = time.monotonic() - started
     assert [r["stopped"] for r in result.rows] == ["completed", "completed"]
     assert _checkpoints(finished) == before[finished], "the finished trial ran again"
     history = read_history(find_checkpoint(str(unfinished)).uri)
     assert history[-1]["step"] == 12
-    assert any(row.get("resumed_from_step", -1) > 0 for row in history), "the killed trial restarted from step 0"
+    resumed_from = [row["resumed_from_step"] for row in history if row.get("resumed_from_step", -1) > 0]
+    assert resumed_from, "the killed trial restarted from step 0"
+    record_figure("sweep driver SIGKILLed during trial 2 of 2, relaunched", trials_completed=2,
+                  finished_trials_rerun=0, resumed_from_step=resumed_from[0], relaunch_wall_s=round(relaunch_s, 1),
+                  test="tests/tune/test_sweep_driver_killed.py")
