@@ -168,7 +168,8 @@ def test_an_outage_past_the_retry_budget_fails_with_a_storage_error(store_behind
         proxy.set_mode("up")
     failure = expected_failure(info.value)
     assert isinstance(failure, storage.StorageError), f"not a storage error: {info.value!r}"
-    assert f"{cfg.train.name}: cannot save checkpoint checkpoint_{2 * CHECKPOINT_EVERY:08d}_" in str(failure)
+    # the first write of the checkpoint step fails: the TensorBoard upload or the checkpoint's own
+    assert storage.join(runs, cfg.train.name) in str(failure) and "cannot" in str(failure), failure
     failed_after = time.monotonic() - started
     latest = find_checkpoint(storage.join(runs, cfg.train.name))
     assert latest.step == CHECKPOINT_EVERY  # the checkpoint whose upload failed is not taken
