@@ -10,6 +10,17 @@ Faults (each one run of ``run_pretrain``, side by side with a clean run of the s
 ``steps_lost`` = FAULT_STEP minus the step the run resumed from (at most one checkpoint interval);
 ``recovery_s`` = the faulted run's wall time minus the clean run's (restart, restore, redone steps).
 
+The heavier faults are the fault suite's tests, run here with pytest (SARJEPA_FAULTS=1); each test
+that passes leaves its figures (tests/_figures.py) and a failed one is a row with survived false:
+
+    node removed    Cluster.remove_node under rank 1 of 2 (tests/train/test_node_removal.py);
+                    recovery_s = removal to the restarted group's first step
+    resume-equal    SIGKILL, resume mid-epoch, parameters equal to an uninterrupted run
+                    (tests/train/test_resume_equivalence_ray.py); recovery_s = kill to first step
+    S3 outage       the store stalls / refuses for 15 s during an upload and during streaming, and
+                    is down for good past the retry budget (tests/train/test_s3_outage_pretrain.py)
+    sweep driver    the sweep's driver SIGKILLed mid-trial, relaunched (tests/tune/test_sweep_driver_killed.py)
+
 Bad inputs (each must end in one clear error: a ``SarjepaError`` whose message names the culprit;
 through ``sarjepa`` itself where a command takes it, checked for exit status, one
 ``sarjepa: error:`` line and no traceback): a missing dataset, a tampered checkpoint, a checkpoint
@@ -20,7 +31,7 @@ Rows lost: one evaluation pass (every good row once) over a dataset with NaN chi
 truncated shard; delivered + counted bad must equal the manifest's rows, and every good row of
 the readable shards must arrive.
 
-Usage: ``python benchmarks/reliability.py [--out benchmarks/results/reliability.json]``
+Usage: ``python benchmarks/reliability.py [--out benchmarks/results/reliability.json] [--no-fault-suite]``
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ import json
 import os
 import platform
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -51,6 +63,8 @@ from sarjepa_dist.data.synth import SynthConfig, generate  # noqa: E402
 from sarjepa_dist.errors import SarjepaError  # noqa: E402
 
 STEPS, CHECKPOINT_EVERY, FAULT_STEP = 12, 4, 7
+FAULT_SUITE = ("tests/train/test_node_removal.py", "tests/train/test_resume_equivalence_ray.py",
+               "tests/train/test_s3_outage_pretrain.py", "tests/tune/test_sweep_driver_killed.py")
 IMG, CHIPS_PER_SHARD, NAN_CHIPS = 32, 40, 2
 
 
@@ -139,6 +153,25 @@ def run_faults(work: Path) -> list[dict[str, Any]]:
                  "steps_lost": 0, "quarantined": quarantined_uri, "unreadable_rows": last["bad_rows/unreadable"],
                  "wall_s": round(time.perf_counter() - started, 1),
                  "recovery_s": round(time.perf_counter() - started - clean_s, 1)})
+    return rows
+
+
+def fault_suite(work: Path) -> list[dict[str, Any]]:
+    """Run the fault suite's heavy tests (own Ray clusters, one pytest process); their figures."""
+    figures = work / "fault-suite.jsonl"
+    report = work / "fault-suite.xml"
+    env = {**os.environ, "SARJEPA_FAULTS": "1", "SARJEPA_RELIABILITY_FIGURES": str(figures),
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}",
+                    *FAULT_SUITE], cwd=ROOT, env=env, check=False)
+    rows = [json.loads(line) for line in figures.read_text().splitlines()] if figures.exists() else []
+    import xml.etree.ElementTree as ET
+
+    cases = ET.parse(report).getroot().iter("testcase") if report.exists() else []
+    for case in cases:
+        if case.find("failure") is not None or case.find("error") is not None:
+            rows.append({"fault": f"{case.get('classname')}::{case.get('name')}", "survived": False,
+                         "test_failed": True})
     return rows
 
 
@@ -244,6 +277,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "reliability.json"))
+    parser.add_argument("--no-fault-suite", action="store_true", help="skip the heavy fault tests")
     args = parser.parse_args()
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
@@ -255,13 +289,16 @@ def main() -> None:
             lost = rows_lost(work)
     finally:
         ray.shutdown()
+    if not args.no_fault_suite:
+        with tempfile.TemporaryDirectory(prefix="sarjepa-fault-suite-") as tmp:
+            faults += fault_suite(Path(tmp))
     out = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count()},
            "steps": STEPS, "checkpoint_every": CHECKPOINT_EVERY, "faults": faults, "bad_inputs": inputs,
            "rows_lost": lost}
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     print(f"{'fault':58s} survived  steps lost  recovery s")
     for f in faults:
-        print(f"{f['fault']:58s} {str(f['survived']):8s}  {str(f['steps_lost']):10s}  {f['recovery_s']}")
+        print(f"{f['fault']:58s} {str(f['survived']):8s}  {str(f.get('steps_lost')):10s}  {f.get('recovery_s')}")
     print(f"\n{'bad input':50s} refused  clear")
     for b in inputs:
         print(f"{b['input']:50s} {str(b['refused']):7s}  {b['clear']}")

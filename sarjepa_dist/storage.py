@@ -83,10 +83,11 @@ def _strip_file_scheme(uri: str) -> str:
 
 
 def s3_filesystem(settings: S3Settings | None = None) -> pafs.S3FileSystem:
-    """One S3 filesystem per (endpoint, region, credentials) in this process: building one is not free."""
+    """One S3 filesystem per (endpoint, region, credentials, retry switches) in this process:
+    building one is not free."""
     settings = settings or s3_settings()
-    key = (settings, os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY"),
-           os.environ.get("AWS_SESSION_TOKEN"))
+    key = (settings, _retry_options(), os.environ.get("AWS_ACCESS_KEY_ID"),
+           os.environ.get("AWS_SECRET_ACCESS_KEY"), os.environ.get("AWS_SESSION_TOKEN"))
     fs = _fs_cache.get(key)
     if fs is None:
         fs = _fs_cache[key] = _make_s3_filesystem(settings)
@@ -96,22 +97,47 @@ def s3_filesystem(settings: S3Settings | None = None) -> pafs.S3FileSystem:
 _fs_cache: dict[tuple, pafs.S3FileSystem] = {}
 
 
+def _retry_options() -> tuple[int, float, float]:
+    """(attempts, request timeout s, connect timeout s): the defaults above or SARJEPA_S3_* overrides."""
+    return (int(os.environ.get("SARJEPA_S3_RETRY_ATTEMPTS", S3_RETRY_ATTEMPTS)),
+            float(os.environ.get("SARJEPA_S3_REQUEST_TIMEOUT_S", S3_REQUEST_TIMEOUT_S)),
+            float(os.environ.get("SARJEPA_S3_CONNECT_TIMEOUT_S", S3_CONNECT_TIMEOUT_S)))
+
+
+class RetryingS3FileSystem(pafs.S3FileSystem):
+    """pyarrow's S3 filesystem with our retry strategy, which survives pickling.
+
+    pyarrow pickles an S3FileSystem without its retry strategy, so the copy Ray Train sends to its
+    workers and controller (``RunConfig.storage_filesystem``, which uploads every checkpoint) would
+    fall back to pyarrow's default of 3 attempts: a few seconds of outage would fail a checkpoint.
+    """
+
+    def __init__(self, max_attempts: int, **options: Any):
+        super().__init__(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=max_attempts), **options)
+        self._rebuild_args = (max_attempts, options)
+
+    def __reduce__(self):
+        max_attempts, options = self._rebuild_args
+        return _rebuild_s3_filesystem, (max_attempts, options)
+
+
+def _rebuild_s3_filesystem(max_attempts: int, options: dict[str, Any]) -> RetryingS3FileSystem:
+    return RetryingS3FileSystem(max_attempts, **options)
+
+
 def _make_s3_filesystem(settings: S3Settings) -> pafs.S3FileSystem:
-    kwargs: dict = {
-        "region": settings.region,
-        "retry_strategy": pafs.AwsStandardS3RetryStrategy(
-            max_attempts=int(os.environ.get("SARJEPA_S3_RETRY_ATTEMPTS", S3_RETRY_ATTEMPTS))),
-        "request_timeout": float(os.environ.get("SARJEPA_S3_REQUEST_TIMEOUT_S", S3_REQUEST_TIMEOUT_S)),
-        "connect_timeout": float(os.environ.get("SARJEPA_S3_CONNECT_TIMEOUT_S", S3_CONNECT_TIMEOUT_S)),
-    }
+    attempts, request_timeout, connect_timeout = _retry_options()
+    kwargs: dict = {"region": settings.region, "request_timeout": request_timeout,
+                    "connect_timeout": connect_timeout}
     if settings.endpoint_url:
         parsed = urlparse(settings.endpoint_url)
         kwargs["endpoint_override"] = parsed.netloc or parsed.path
         kwargs["scheme"] = parsed.scheme or "https"
         # S3-compatible stores (MinIO, moto, Ceph) generally want path-style addressing.
         kwargs["force_virtual_addressing"] = False
-    # Credentials: pyarrow reads the standard AWS chain (env, profile, instance role) itself.
-    return pafs.S3FileSystem(**kwargs)
+    # Credentials: pyarrow reads the standard AWS chain (env, profile, instance role) itself, in the
+    # process that uses the filesystem, so none are held here or travel in a pickle.
+    return RetryingS3FileSystem(attempts, **kwargs)
 
 
 def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:

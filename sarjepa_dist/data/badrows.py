@@ -204,19 +204,29 @@ def _counter_actor_class() -> Any:
     return _ray().remote(num_cpus=0, max_restarts=0)(_BadRowCounter)
 
 
+def _on_this_node() -> Any:
+    """Keep the tally on the creator's node (normally the driver's, which the run cannot outlive
+    anyway). Ray places a zero-CPU actor on any node, and one on a worker node that is removed or
+    preempted took the tally, and with it the run, down (tests/train/test_node_removal.py)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(_ray().get_runtime_context().get_node_id(), soft=True)
+
+
 class BadRowTracker:
     """Handle on one run's bad-row tally (a named actor in namespace ``sarjepa``).
 
     ``BadRowTracker(run_name)`` creates the actor or attaches to the existing one, so the driver
     that builds the dataset, the Ray Data tasks (which get the handle pickled into them) and the
     train workers (which attach by name) all see the same counts. The actor is owned by whoever
-    created it first (normally the driver) and ends with it.
+    created it first (normally the driver), lives on that process's node and ends with it.
     """
 
     def __init__(self, run_name: str | None = None):
         self.run_name = run_name or f"anon-{uuid.uuid4().hex[:12]}"
         self._actor = _counter_actor_class().options(
             name=_ACTOR_PREFIX + self.run_name, namespace=NAMESPACE, get_if_exists=True,
+            scheduling_strategy=_on_this_node(),
         ).remote()
         self._warned = 0  # examples already turned into warnings by this handle
 

@@ -83,7 +83,7 @@ if TYPE_CHECKING:  # ray is imported lazily so that importing this module stays 
 
 __all__ = [
     "BadDataError", "BadRowTracker", "BadRowWarning", "NEED_KEYS", "build_dataset", "chip_seed",
-    "dataset_tracker", "file_shuffle_seed", "split_for_consumers", "transform_chip",
+    "dataset_tracker", "file_shuffle_seed", "ingest_options", "split_for_consumers", "transform_chip",
 ]
 
 logger = logging.getLogger(__name__)
@@ -204,7 +204,7 @@ def _read_shards(items: dict[str, np.ndarray], *, spec: _Spec, tracker: BadRowTr
     """Ray Data UDF over shard items (``path``, ``rows``): each shard's good rows, in blocks of
     ``READ_BLOCK_ROWS``. Every block's tally goes to ``tracker`` under the key (epoch, shard,
     block index), which a retried task or a resumed run meets again unchanged."""
-    # Built here, not pickled in: a pickled S3FileSystem loses its retry strategy.
+    # Built here from the task's own environment (endpoint, retry switches), not pickled in.
     filesystem, _ = storage.resolve(spec.shard_prefix or "/")
     for path, rows in zip(items["path"], items["rows"]):
         yield from _read_one_shard(str(path), int(rows), spec=spec, filesystem=filesystem, tracker=tracker)
@@ -333,8 +333,23 @@ def build_dataset(data_cfg: DataConfig, gradient_cfg: GradientConfig, *, need: S
                         fn_kwargs={"spec": spec, "tracker": tracker})
     ds = ds.map_batches(_process_batch, batch_format="pyarrow", batch_size=UDF_BATCH_ROWS,
                         fn_kwargs={"spec": spec})
+    if data_cfg.preserve_order:
+        ds.context.execution_options = ingest_options(data_cfg)
     ds._sarjepa_bad_rows = tracker  # type: ignore[attr-defined]  # see dataset_tracker
     return ds
+
+
+def ingest_options(data_cfg: DataConfig) -> "ray.data.ExecutionOptions":
+    """Ray Data execution options for streaming a training epoch: the current context's, with
+    ``preserve_order`` from ``data.preserve_order`` (Ray Train applies them to the trainer's dataset
+    through its ``DataConfig``; ``build_dataset`` to every later epoch's)."""
+    import copy
+
+    from ray.data import DataContext
+
+    options = copy.deepcopy(DataContext.get_current().execution_options)
+    options.preserve_order = options.preserve_order or data_cfg.preserve_order
+    return options
 
 
 def dataset_tracker(ds: "ray.data.Dataset") -> BadRowTracker:

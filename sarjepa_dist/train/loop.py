@@ -334,7 +334,13 @@ class _Trainer:
                            f" | checkpoint {checkpoint_id}" if checkpoint_id else "")
             # Ray copies the checkpoint folder to storage and only then records it in the run's
             # checkpoint index; the other ranks' reports (no checkpoint) merge into this one.
-            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_id)
+            try:
+                ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_id)
+            except OSError as exc:  # the store stayed unreachable through every retry
+                raise storage.StorageError(
+                    f"{storage.redact(self.info.run_uri)}: cannot save checkpoint {checkpoint_id} of step "
+                    f"{self.state.step}: {storage.redact(str(exc))}; the run's latest checkpoint is the one "
+                    "before it (retries: SARJEPA_S3_RETRY_ATTEMPTS)") from exc
 
     def _metrics(self, step_metrics: StepMetrics, inputs: dict[str, torch.Tensor], masks: MaskBatch,
                  checkpoint_due: bool) -> dict[str, Any]:

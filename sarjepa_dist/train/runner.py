@@ -42,13 +42,13 @@ import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from sarjepa_dist import storage
 from sarjepa_dist.config import Config, ConfigError
 from sarjepa_dist.cluster import ray_init, worker_env
-from sarjepa_dist.data.pipeline import build_dataset
+from sarjepa_dist.data.pipeline import build_dataset, ingest_options
 from sarjepa_dist.data.shards import read_manifest
 from sarjepa_dist.model.jepa import required_inputs
 from sarjepa_dist.train.loop import RunInfo, StepHook, train_loop_per_worker
@@ -112,6 +112,7 @@ def run_pretrain(cfg: Config, *, callbacks: Sequence[Any] | None = None,
         scaling_config=_scaling_config(cfg, resources_per_worker, placement_strategy),
         run_config=_run_config(cfg, callbacks),
         datasets={"train": dataset},
+        dataset_config=DataConfig(execution_options=ingest_options(cfg.data)) if cfg.data.preserve_order else None,
     )
     _log.info("pretraining %s: %d worker(s), %d steps, storage %s", cfg.train.name, cfg.train.num_workers,
               cfg.train.steps, storage.redact(uri))

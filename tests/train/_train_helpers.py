@@ -9,6 +9,8 @@ import math
 import os
 import signal
 import sys
+import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -113,6 +115,45 @@ class RecordEvery:
         if view.rank != 0 or view.step % self.every:
             return None
         return {"hook_step": view.step}
+
+
+@dataclass(frozen=True)
+class RecordChips:
+    """Step hook: append (epoch, step, rank, world, node, pid, chip ids) to ``<folder>/rank-<pid>.jsonl``."""
+
+    folder: str
+
+    def __call__(self, view: StepView) -> None:
+        row = {"epoch": view.epoch, "step": view.step, "rank": view.rank, "world": view.world_size,
+               "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
+               "chips": list(view.chip_ids), "t": time.time()}
+        with open(os.path.join(self.folder, f"rank-{os.getpid()}.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def read_records(folder: str) -> list[dict[str, Any]]:
+    """What ``RecordChips`` wrote, every rank and attempt, in time order."""
+    rows = []
+    for name in os.listdir(folder):
+        with open(os.path.join(folder, name)) as f:
+            rows += [json.loads(line) for line in f if line.strip()]
+    return sorted(rows, key=lambda r: r["t"])
+
+
+def assert_exactly_once(epoch: int, rows: list[dict[str, Any]], all_chips: set[str], batch: int) -> None:
+    """One worker group's records of one epoch: every rank took the same number of full batches,
+    every chip of ``all_chips`` was read once, and no two ranks shared a node."""
+    world = rows[0]["world"]
+    batches = Counter(r["rank"] for r in rows)
+    assert sorted(batches) == list(range(world)), f"epoch {epoch}: ranks {sorted(batches)}"
+    assert len(set(batches.values())) == 1, f"epoch {epoch}: unequal batches per rank {dict(batches)}"
+    assert all(len(r["chips"]) == batch for r in rows)
+    seen = Counter(c for r in rows for c in r["chips"])
+    twice = [c for c, n in seen.items() if n > 1]
+    assert not twice, f"epoch {epoch}: chips read more than once: {twice[:10]}"
+    # chips split evenly over the ranks: equal=True drops nothing and every batch is full
+    assert set(seen) == all_chips, f"epoch {epoch}: {len(all_chips - set(seen))} chips never read"
+    assert len({r["node"] for r in rows}) == world, f"epoch {epoch}: ranks shared a node"
 
 
 MiB = 2**20

@@ -10,19 +10,18 @@ The chip ids come from a step hook (``StepView.chip_ids``), written by every ran
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 import threading
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import ray.cloudpickle
 
-from _train_helpers import IMG, add_worker_node, assert_finite_losses, simulated_cluster, tiny_config
+from _train_helpers import (IMG, RecordChips, add_worker_node, assert_exactly_once, assert_finite_losses,
+                            read_records, simulated_cluster, tiny_config)
 from sarjepa_dist import storage
 from sarjepa_dist.data import shards
 from sarjepa_dist.train.loop import StepView
@@ -32,20 +31,6 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the hooks tra
 
 SHARD_SIZES = (12, 36, 60, 84)  # 192 chips: 48 per rank over 4 ranks, 64 over 3; 6 or 8 batches of 8
 BATCH = 8
-
-
-@dataclass(frozen=True)
-class RecordChips:
-    """Step hook: append (epoch, step, rank, world, node, chip ids) to ``<folder>/rank-<pid>.jsonl``."""
-
-    folder: str
-
-    def __call__(self, view: StepView) -> None:
-        row = {"epoch": view.epoch, "step": view.step, "rank": view.rank, "world": view.world_size,
-               "node": ray.get_runtime_context().get_node_id(), "chips": list(view.chip_ids),
-               "t": time.time()}
-        with open(os.path.join(self.folder, f"rank-{os.getpid()}.jsonl"), "a") as f:
-            f.write(json.dumps(row) + "\n")
 
 
 @dataclass(frozen=True)
@@ -80,14 +65,6 @@ def write_unequal_shards(root: str) -> shards.Manifest:
     return manifest
 
 
-def read_records(folder: str) -> list[dict[str, Any]]:
-    rows = []
-    for name in os.listdir(folder):
-        with open(os.path.join(folder, name)) as f:
-            rows += [json.loads(line) for line in f if line.strip()]
-    return sorted(rows, key=lambda r: r["t"])
-
-
 def final_attempt_by_epoch(rows: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
     """Per epoch, the records of the worker group that finished it: the world size of its last
     record (a group replaced by a resize leaves records of steps that were redone)."""
@@ -95,20 +72,6 @@ def final_attempt_by_epoch(rows: list[dict[str, Any]]) -> dict[int, list[dict[st
     for r in rows:
         by_epoch[r["epoch"]].append(r)
     return {e: [r for r in rs if r["world"] == rs[-1]["world"]] for e, rs in sorted(by_epoch.items())}
-
-
-def assert_exactly_once(epoch: int, rows: list[dict[str, Any]], all_chips: set[str]) -> None:
-    world = rows[0]["world"]
-    batches = Counter(r["rank"] for r in rows)
-    assert sorted(batches) == list(range(world)), f"epoch {epoch}: ranks {sorted(batches)}"
-    assert len(set(batches.values())) == 1, f"epoch {epoch}: unequal batches per rank {dict(batches)}"
-    assert all(len(r["chips"]) == BATCH for r in rows)
-    seen = Counter(c for r in rows for c in r["chips"])
-    twice = [c for c, n in seen.items() if n > 1]
-    assert not twice, f"epoch {epoch}: chips read more than once: {twice[:10]}"
-    # 192 chips split evenly: equal=True drops nothing and every batch is full, so every chip is read
-    assert set(seen) == all_chips, f"epoch {epoch}: {len(all_chips - set(seen))} chips never read"
-    assert len({r["node"] for r in rows}) == world, f"epoch {epoch}: ranks shared a node"
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +121,7 @@ def test_elastic_node_joins_between_epochs(three_node_cluster, dataset, tmp_path
     assert sorted(epochs) == [0, 1]
     assert [epochs[e][0]["world"] for e in (0, 1)] == [3, 4]
     for epoch, rows in epochs.items():
-        assert_exactly_once(epoch, rows, all_chips)
+        assert_exactly_once(epoch, rows, all_chips, BATCH)
     assert len({r["node"] for r in epochs[1]}) == 4
 
 
@@ -189,7 +152,7 @@ def test_four_ranks_on_four_nodes_read_every_chip_once_per_epoch(three_node_clus
     all_chips = {f"c{i:05d}" for i in range(manifest.num_chips)}
     for epoch, rs in epochs.items():
         assert len(rs) == 4 * 6
-        assert_exactly_once(epoch, rs, all_chips)
+        assert_exactly_once(epoch, rs, all_chips, BATCH)
 
 
 def _run(run_pretrain, cfg, hooks, box):
