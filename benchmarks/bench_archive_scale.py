@@ -16,7 +16,7 @@ arrival time of every batch.
 - Same number of chips, one pass each. A 1× epoch (1,000 chips, ~0.4 s) has no steady state: its
   first batch waits for a whole output block (one shard) and for the shuffle buffer to hold
   256 + 64 rows, so "chips after the first batch / time after it" mostly counts rows produced during
-  the start-up (the old 1× figure, the best of three such epochs, was inflated by this; the same
+  the start-up (the old 1× figure, the median of three such epochs, was inflated by this; the same
   rule costs a 100,000-chip pass well under 1 %). So the 1× side streams the 1× archive
   as many times as the large side has chips (its manifest's shard list repeated, handed to
   ``build_dataset``) in ONE pass: both sides then read the same number of chips from shards of the
