@@ -90,7 +90,7 @@ logger = logging.getLogger(__name__)
 
 NEED_KEYS = ("x", "gx", "gfeat")
 READ_COLUMNS = ["chip_id", "chip", "chip_shape", "chip_dtype", "label"]
-UDF_BATCH_ROWS = 128  # rows per map_batches call: big enough to amortise the per-call cost
+UDF_BATCH_ROWS = 128  # rows per _process_batch call: big enough to amortise the per-call cost
 MAX_LOGGED_BAD_ROWS = 5  # per read block, in the Ray Data worker log
 MAX_REPORTED_EXAMPLES = 10  # per read block, sent to the tracker (counts are always complete)
 READ_BLOCK_ROWS = 1024  # rows per block the shard reader yields (one tally key each)
@@ -277,6 +277,13 @@ def _process_batch(batch: pa.Table, *, spec: _Spec) -> dict[str, np.ndarray]:
     return out
 
 
+def _process_in_pieces(block: pa.Table, *, spec: _Spec) -> Iterator[dict[str, np.ndarray]]:
+    """``_process_batch`` over one read block, ``UDF_BATCH_ROWS`` rows at a time (bounded memory
+    per call); an empty block still gives one empty, correctly shaped output."""
+    for start in range(0, max(block.num_rows, 1), UDF_BATCH_ROWS):
+        yield _process_batch(block.slice(start, UDF_BATCH_ROWS), spec=spec)
+
+
 # --------------------------------------------------------------------------- building
 
 
@@ -327,11 +334,14 @@ def build_dataset(data_cfg: DataConfig, gradient_cfg: GradientConfig, *, need: S
     tracker = tracker or BadRowTracker(run_name)
 
     # One block per shard file: read tasks run in parallel over files, and each file's blocks
-    # (so each tally key) are the same in every execution.
+    # (so each tally key) are the same in every execution. Ray fuses the two map_batches into one
+    # task that takes at least the second one's batch_size input rows; a batch_size there would
+    # put up to that many shard files into one task (an archive of <= 128 shards read serially by
+    # one task), so that stage takes whole read blocks and cuts them itself.
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     ds = ds.map_batches(_read_shards, batch_format="numpy", batch_size=1,
                         fn_kwargs={"spec": spec, "tracker": tracker})
-    ds = ds.map_batches(_process_batch, batch_format="pyarrow", batch_size=UDF_BATCH_ROWS,
+    ds = ds.map_batches(_process_in_pieces, batch_format="pyarrow", batch_size=None,
                         fn_kwargs={"spec": spec})
     if data_cfg.preserve_order:
         ds.context.execution_options = ingest_options(data_cfg)

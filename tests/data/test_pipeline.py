@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import re
 import threading
 import uuid
 from typing import Any
@@ -366,6 +367,10 @@ def test_evaluation_local_path_exactly_once(ray_local, tmp_path_factory):
     dataset_tracker(ds).kill()
     got = by_chip(batches[0] + batches[1], ("x",))
     assert sorted(got) == sorted(good)
+    # one read task per shard file: Ray fuses the read into the transform stage, whose batch_size
+    # would otherwise bundle up to that many files into one task (all 4 here)
+    tasks = re.search(r"MapBatches\(_read_shards\)\S*: (\d+) tasks executed", ds.stats())
+    assert tasks and int(tasks.group(1)) == len(shards.read_manifest(root).shards) == 4
     for cid in list(good)[:10]:
         ref = reference(good[cid], cfg, training=False, epoch=0, chip_id=cid)["x"]
         torch.testing.assert_close(got[cid]["x"], ref, rtol=1e-5, atol=1e-6)
