@@ -10,21 +10,20 @@ The chip ids come from a step hook (``StepView.chip_ids``), written by every ran
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 import threading
 import time
-from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import ray.cloudpickle
 
-from _train_helpers import IMG, add_worker_node, assert_finite_losses, simulated_cluster, tiny_config
+from _train_helpers import (
+    RecordChips, add_worker_node, assert_exactly_once, assert_finite_losses, final_attempt_by_epoch, read_records,
+    simulated_cluster, tiny_config, write_chip_dataset,
+)
 from sarjepa_dist import storage
-from sarjepa_dist.data import shards
 from sarjepa_dist.train.loop import StepView
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -32,20 +31,6 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the hooks tra
 
 SHARD_SIZES = (12, 36, 60, 84)  # 192 chips: 48 per rank over 4 ranks, 64 over 3; 6 or 8 batches of 8
 BATCH = 8
-
-
-@dataclass(frozen=True)
-class RecordChips:
-    """Step hook: append (epoch, step, rank, world, node, chip ids) to ``<folder>/rank-<pid>.jsonl``."""
-
-    folder: str
-
-    def __call__(self, view: StepView) -> None:
-        row = {"epoch": view.epoch, "step": view.step, "rank": view.rank, "world": view.world_size,
-               "node": ray.get_runtime_context().get_node_id(), "chips": list(view.chip_ids),
-               "t": time.time()}
-        with open(os.path.join(self.folder, f"rank-{os.getpid()}.jsonl"), "a") as f:
-            f.write(json.dumps(row) + "\n")
 
 
 @dataclass(frozen=True)
@@ -63,54 +48,6 @@ class HoldUntilWorld:
             time.sleep(0.5)
 
 
-def write_unequal_shards(root: str) -> shards.Manifest:
-    from sarjepa_dist.data.synth import SynthConfig, generate
-
-    batch = generate(SynthConfig(num_classes=4, per_class=sum(SHARD_SIZES) // 4, size=IMG, seed=3))
-    names = list(batch.class_names)
-    cuts = {sum(SHARD_SIZES[:i + 1]) for i in range(len(SHARD_SIZES))}
-    with shards.ShardWriter(root, class_names=names, command=["test"], target_shard_mib=1024) as w:
-        for i in range(len(batch)):
-            lab = int(batch.labels[i])
-            w.add(shards.ChipRecord(f"c{i:05d}", batch.chips[i], label=lab, class_name=names[lab]))
-            if i + 1 in cuts:
-                w._flush()  # cut a shard here: unequal shard sizes on purpose
-        manifest = w.commit()
-    assert [s.rows for s in manifest.shards] == list(SHARD_SIZES)
-    return manifest
-
-
-def read_records(folder: str) -> list[dict[str, Any]]:
-    rows = []
-    for name in os.listdir(folder):
-        with open(os.path.join(folder, name)) as f:
-            rows += [json.loads(line) for line in f if line.strip()]
-    return sorted(rows, key=lambda r: r["t"])
-
-
-def final_attempt_by_epoch(rows: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
-    """Per epoch, the records of the worker group that finished it: the world size of its last
-    record (a group replaced by a resize leaves records of steps that were redone)."""
-    by_epoch: dict[int, list[dict[str, Any]]] = defaultdict(list)
-    for r in rows:
-        by_epoch[r["epoch"]].append(r)
-    return {e: [r for r in rs if r["world"] == rs[-1]["world"]] for e, rs in sorted(by_epoch.items())}
-
-
-def assert_exactly_once(epoch: int, rows: list[dict[str, Any]], all_chips: set[str]) -> None:
-    world = rows[0]["world"]
-    batches = Counter(r["rank"] for r in rows)
-    assert sorted(batches) == list(range(world)), f"epoch {epoch}: ranks {sorted(batches)}"
-    assert len(set(batches.values())) == 1, f"epoch {epoch}: unequal batches per rank {dict(batches)}"
-    assert all(len(r["chips"]) == BATCH for r in rows)
-    seen = Counter(c for r in rows for c in r["chips"])
-    twice = [c for c, n in seen.items() if n > 1]
-    assert not twice, f"epoch {epoch}: chips read more than once: {twice[:10]}"
-    # 192 chips split evenly: equal=True drops nothing and every batch is full, so every chip is read
-    assert set(seen) == all_chips, f"epoch {epoch}: {len(all_chips - set(seen))} chips never read"
-    assert len({r["node"] for r in rows}) == world, f"epoch {epoch}: ranks shared a node"
-
-
 @pytest.fixture(scope="module")
 def three_node_cluster():
     """A head node (1 CPU, for Ray Data) and three worker nodes with one ``node_slot`` each."""
@@ -121,7 +58,7 @@ def three_node_cluster():
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("four-node-data") / "chips")
-    manifest = write_unequal_shards(root)
+    manifest = write_chip_dataset(root, per_class=sum(SHARD_SIZES) // 4, seed=3, num_bad=0, shard_sizes=SHARD_SIZES)
     return root, manifest
 
 
@@ -158,7 +95,7 @@ def test_elastic_node_joins_between_epochs(three_node_cluster, dataset, tmp_path
     assert sorted(epochs) == [0, 1]
     assert [epochs[e][0]["world"] for e in (0, 1)] == [3, 4]
     for epoch, rows in epochs.items():
-        assert_exactly_once(epoch, rows, all_chips)
+        assert_exactly_once(epoch, rows, all_chips, batch=BATCH)
     assert len({r["node"] for r in epochs[1]}) == 4
 
 
@@ -189,7 +126,7 @@ def test_four_ranks_on_four_nodes_read_every_chip_once_per_epoch(three_node_clus
     all_chips = {f"c{i:05d}" for i in range(manifest.num_chips)}
     for epoch, rs in epochs.items():
         assert len(rs) == 4 * 6
-        assert_exactly_once(epoch, rs, all_chips)
+        assert_exactly_once(epoch, rs, all_chips, batch=BATCH)
 
 
 def _run(run_pretrain, cfg, hooks, box):
