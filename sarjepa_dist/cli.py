@@ -30,6 +30,8 @@ from sarjepa_dist.config import Config, load_config
 from sarjepa_dist.errors import SarjepaError
 
 EXIT_FAILURE = 1
+# -v: Ray's own detail on the console too (cluster.VERBOSE_ENV; the CLI does not import Ray)
+VERBOSE_ENV = "SARJEPA_VERBOSE"
 EXIT_INTERRUPTED = 130
 
 
@@ -39,7 +41,7 @@ def _config_args(p: argparse.ArgumentParser) -> None:
                    help="override one config value (YAML syntax), e.g. --set train.steps=200")
 
 
-_VERBOSE_HELP = "debug logging, and the traceback of an error"
+_VERBOSE_HELP = "debug logging, Ray's own console detail, and the traceback of an error"
 
 
 def _verbose_parent() -> argparse.ArgumentParser:
@@ -169,12 +171,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    if not sys.stderr.isatty():
-        # Ray Data redraws its progress bars with cursor-control sequences and Ray colours every
-        # worker's log prefix: noise in a log file. Read by Ray after this point (no command has
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"
+    if not sys.stderr.isatty() or not args.verbose:
+        # Ray Data redraws its progress bars with cursor-control sequences: noise in a log file,
+        # and beside the project's progress line. Read by Ray after this point (no command has
         # imported Ray yet); a value the user set wins.
         os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    if not sys.stderr.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # Ray colours every worker's log prefix
     command_line = ["sarjepa", *(sys.argv[1:] if argv is None else list(argv))]
     try:
         return _HANDLERS[args.command](args, command_line)

@@ -28,8 +28,8 @@ import ray
 from sarjepa_dist import storage
 from sarjepa_dist.config import RayConfig, StorageConfig
 
-__all__ = ["STORAGE_ENV_VARS", "SECRET_ENV_VARS", "PROJECT_ENV_PREFIX", "describe_env", "worker_env", "ray_init",
-           "ray_session"]
+__all__ = ["STORAGE_ENV_VARS", "SECRET_ENV_VARS", "PROJECT_ENV_PREFIX", "VERBOSE_ENV", "describe_env", "worker_env",
+           "quiet_train_worker_console", "ray_init", "ray_session", "ray_train_log_level", "verbose_console"]
 
 _log = logging.getLogger(__name__)
 
@@ -48,6 +48,20 @@ STORAGE_ENV_VARS = (
 PROJECT_ENV_PREFIX = "SARJEPA_"
 # Quiet Ray Data in worker logs; harmless when already set.
 _QUIET_ENV = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+# The console is quiet by default: the project's own lines (progress, results), warnings and
+# errors. "1" (``sarjepa -v``) adds Ray's detail: its start-up lines, Ray Train's controller log
+# and the whole metrics dict of every report. Set by the CLI; travels to workers as a SARJEPA_* switch.
+VERBOSE_ENV = "SARJEPA_VERBOSE"
+
+
+def verbose_console() -> bool:
+    return os.environ.get(VERBOSE_ENV, "") == "1"
+
+
+def ray_train_log_level() -> str:
+    """The console level of Ray Train's own ``ray.train`` logs (``RunConfig.logging_config``): at
+    INFO every ``ray.train.report`` prints its whole metrics dict beside the loop's progress line."""
+    return "INFO" if verbose_console() else "WARNING"
 
 
 # Never put these where Ray records them as run metadata (see ``worker_env(secrets=False)``).
@@ -93,6 +107,7 @@ def ray_init(ray_cfg: RayConfig, storage_cfg: StorageConfig | None = None, *, lo
     """
     if storage_cfg is not None:
         storage.configure(storage_cfg.endpoint_url, storage_cfg.region)
+    _ray_data_console()
     if ray.is_initialized():
         where = "the Ray cluster this process is already connected to"
         _log.info("using %s", where)
@@ -123,7 +138,8 @@ def ray_init(ray_cfg: RayConfig, storage_cfg: StorageConfig | None = None, *, lo
         if env.keys() & job_env_vars.keys():
             os.environ["RAY_OVERRIDE_JOB_RUNTIME_ENV"] = "1"
         _log.info("connecting to Ray at %s; exporting to workers: %s", storage.redact(address), describe_env(env))
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=log_to_driver)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=log_to_driver,
+                 logging_level=_ray_log_level())
         return f"Ray cluster at {storage.redact(address)}"
     _log.info("starting a local Ray cluster (num_cpus=%s, num_gpus=%s); exporting to workers: %s",
               ray_cfg.num_cpus, ray_cfg.num_gpus, describe_env(env))
@@ -140,8 +156,33 @@ def ray_init(ray_cfg: RayConfig, storage_cfg: StorageConfig | None = None, *, lo
     os.environ["RAY_API_SERVER_ADDRESS"] = _pinned_api_address = api
     ray.init(address="local", num_cpus=ray_cfg.num_cpus, num_gpus=ray_cfg.num_gpus, runtime_env=runtime_env,
              include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
-             log_to_driver=log_to_driver)
+             log_to_driver=log_to_driver, logging_level=_ray_log_level())
     return "a new local Ray cluster"
+
+
+def quiet_train_worker_console() -> None:
+    """In a Ray Train worker, unless verbose: no "Reporting training result <i>: <the whole metrics
+    dict>" line per report. Ray Train names that module's logger by its file path, outside the
+    ``ray.train`` tree, so ``RunConfig.logging_config`` does not reach it."""
+    if verbose_console():
+        return
+    from ray.train.v2._internal.execution import context as train_context
+
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
+def _ray_data_console() -> None:
+    """Ray Data's banner at the start of every execution (two lines per epoch: the dataset's id and
+    execution plan) only with -v. Ray Train hands the driver's DataContext to its workers, where
+    the later epochs' datasets are built."""
+    from ray.data import DataContext
+
+    DataContext.get_current().print_on_execution_start = verbose_console()
+
+
+def _ray_log_level() -> int:
+    """Level of the driver's ``ray`` logger (start-up lines, the dashboard's address, ...)."""
+    return logging.INFO if verbose_console() else logging.WARNING
 
 
 @contextlib.contextmanager

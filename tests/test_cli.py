@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -182,3 +185,39 @@ def test_inspect_of_a_run_folder_prints_and_plots_its_learning_curve(tmp_path, c
     assert main(["inspect", str(run / "checkpoint_00000020_abcdef"), "--plot", str(png)]) == 0
     out = capsys.readouterr().out
     assert "learning curve (2 reports):" in out and "0.312" in out and "0.4567" not in out
+
+
+def _pretrain_as_a_process(tmp_path, name: str, *flags: str) -> str:
+    """``sarjepa pretrain`` in a child process, stdout and stderr into one pipe (not a terminal), with
+    none of the quieting variables the test scripts set: the CLI must make it quiet by itself."""
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_DATA_DISABLE_PROGRESS_BARS", "RAY_COLOR_PREFIX", "RAY_ADDRESS", "SARJEPA_VERBOSE")}
+    env.update(PYTHONPATH=str(repo), RAY_USAGE_STATS_ENABLED="0")
+    sets = {"data.path": str(tmp_path / "ds"), "data.img_size": 32, "data.batch_size": 8, "data.shuffle_buffer": 8,
+            "gradient.radii": "[2, 4]", "mask.min_keep": 4, "model.patch_size": 4, "model.depth": 1,
+            "model.predictor_dim": 32, "model.predictor_depth": 1, "model.predictor_heads": 2,
+            "train.name": name, "train.storage_path": str(tmp_path / "runs"), "train.steps": 4,
+            "train.log_every": 2, "train.checkpoint_every": 4, "train.cpus_per_worker": 0.5, "ray.num_cpus": 2}
+    argv = ["pretrain", *flags, *(a for k, v in sets.items() for a in ("--set", f"{k}={v}"))]
+    proc = subprocess.run([sys.executable, "-m", "sarjepa_dist.cli", *argv], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, env=env, cwd=repo, timeout=300)
+    assert proc.returncode == 0, proc.stdout
+    return proc.stdout
+
+
+@pytest.mark.ray
+def test_pretrain_is_quiet_by_default_and_detailed_with_v(tmp_path):
+    """Into a log file: the project's progress lines and result, no Ray Train metrics dict per
+    report, no cursor-control or colour sequences; ``-v`` brings Ray's detail (and that dict) back."""
+    assert main(["synth", str(tmp_path / "ds"), "--classes", "2", "--per-class", "12", "--size", "32"]) == 0
+    quiet = _pretrain_as_a_process(tmp_path, "quiet")
+    progress = [line for line in quiet.splitlines() if "[sarjepa] " in line]
+    assert len(progress) == 2 and "step 4/4" in progress[-1], quiet
+    assert re.search(r"^pretraining quiet: step 4, latest checkpoint ", quiet, re.M), quiet
+    assert "\x1b[" not in quiet, repr(quiet)
+    assert "Reporting training result" not in quiet and "'loss': " not in quiet, quiet  # the metrics dict
+
+    detailed = _pretrain_as_a_process(tmp_path, "detailed", "-v")  # (Ray colours its dashboard URL then)
+    assert "Reporting training result" in detailed and "'loss': " in detailed, detailed
+    assert len(detailed.splitlines()) > len(quiet.splitlines())

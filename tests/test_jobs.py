@@ -221,8 +221,11 @@ def test_unreachable_job_server_is_one_clear_line(capsys):
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_submit_inspect_job_to_local_head(tmp_path, monkeypatch):
-    """A real Ray Job: a head with the dashboard (job server), token auth left on, job runs `sarjepa inspect`."""
+def test_submit_inspect_job_to_local_head(tmp_path, ray_auth_env):
+    """A real Ray Job: a head with the dashboard (job server), token auth left on, job runs `sarjepa inspect`.
+
+    This shell has the cluster token but no RAY_AUTH_MODE, as after `ray start` on a fresh machine:
+    submit's own switch must turn token mode on, or the job server refuses it."""
     from ray.cluster_utils import Cluster
 
     from sarjepa_dist.data.shards import ChipRecord, ShardWriter
@@ -241,6 +244,7 @@ def test_submit_inspect_job_to_local_head(tmp_path, monkeypatch):
         args: ["{data}"]
         working_dir: .
     """))
+    monkeypatch = ray_auth_env
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     from sarjepa_dist.local_s3 import free_port
 
@@ -260,10 +264,18 @@ def test_submit_inspect_job_to_local_head(tmp_path, monkeypatch):
         "num_cpus": 1, "include_dashboard": True, "dashboard_port": dash, "dashboard_host": "127.0.0.1",
         "node_ip_address": "127.0.0.1", "dashboard_agent_listen_port": free_port()})
     try:
-        job_id, status = submit(load_job_spec(spec_path), address=f"http://127.0.0.1:{dash}",
-                                base_dir=work, timeout_s=300)
+        # the head runs in token mode; this process forgets it, keeping only the token file
+        monkeypatch.delenv("RAY_AUTH_MODE")
+        RayConfig.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
+        from ray.exceptions import AuthenticationError
         from ray.job_submission import JobSubmissionClient
 
+        with pytest.raises(AuthenticationError):  # without the switch the job server refuses this shell
+            JobSubmissionClient(f"http://127.0.0.1:{dash}").list_jobs()
+        job_id, status = submit(load_job_spec(spec_path), address=f"http://127.0.0.1:{dash}",
+                                base_dir=work, timeout_s=300)
+        assert os.environ.get("RAY_AUTH_MODE") == "token", "submit did not switch the client to token mode"
         logs = JobSubmissionClient(f"http://127.0.0.1:{dash}").get_job_logs(job_id)
         assert status == "SUCCEEDED", logs
         assert "4" in logs and "dataset" in logs.lower()

@@ -42,12 +42,12 @@ import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from sarjepa_dist import storage
 from sarjepa_dist.config import Config, ConfigError
-from sarjepa_dist.cluster import ray_init, worker_env
+from sarjepa_dist.cluster import quiet_train_worker_console, ray_init, ray_train_log_level, worker_env
 from sarjepa_dist.data.pipeline import build_dataset, ingest_options
 from sarjepa_dist.data.shards import read_manifest
 from sarjepa_dist.model.jepa import required_inputs
@@ -106,7 +106,7 @@ def run_pretrain(cfg: Config, *, callbacks: Sequence[Any] | None = None,
                    dataset_path=cfg.data.path, bad_rows_run_name=tracker_name, need=need,
                    trainer_dataset_epoch=0)
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        _train_fn,
         train_loop_config={"config": cfg.to_dict(), "run": asdict(info), "step_hooks": list(step_hooks)},
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
         scaling_config=_scaling_config(cfg, resources_per_worker, placement_strategy),
@@ -127,6 +127,12 @@ def run_pretrain(cfg: Config, *, callbacks: Sequence[Any] | None = None,
     return PretrainResult(name=cfg.train.name, storage_path=uri, latest_checkpoint_uri=latest,
                           final_step=final_step, metrics_history=history, dataset_id=manifest.dataset_id,
                           metrics=metrics)
+
+
+def _train_fn(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
+    """What each worker runs: the loop, with Ray Train's per-report metrics dump off unless -v."""
+    quiet_train_worker_console()
+    return train_loop_per_worker(loop_config)
 
 
 def _scaling_config(cfg: Config, resources_per_worker: dict[str, float] | None,
@@ -151,6 +157,7 @@ def _run_config(cfg: Config, callbacks: Sequence[Any] | None) -> RunConfig:
         checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
         failure_config=FailureConfig(max_failures=cfg.train.max_failures),
         callbacks=list(callbacks or []),
+        logging_config=LoggingConfig(log_level=ray_train_log_level()),
         # Endpoint, region and SARJEPA_* switches for the train workers. Credentials travel in
         # the job's runtime_env (cluster.ray_init) or the nodes' own environment: Train V2
         # publishes worker_runtime_env in its run state, so no secret goes in here.

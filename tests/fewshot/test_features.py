@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -138,6 +140,48 @@ def test_baselines_shapes():
         baseline_source("hog", cfg)
     with pytest.raises(FeatureError, match="channel"):
         compute_features(np.ones((2, 2, 16, 16), np.float32), raw.recipe)
+
+
+def test_raw_pixels_baseline_is_the_robust_log_z_score_by_hand():
+    """A 16² chip of three levels: 8 dark pixels (1), 240 clutter (4), 8 bright (100). Nearest-rank
+    quantiles over the 256 pixels are then unambiguous: q01 = 1, median = 4, q99 = 100, and with
+    δ = 1e-3 · median the feature of a pixel a is (log(a + δ) − log(4 + δ)) / ((log(100 + δ) − log(1 + δ)) / 4.6527)."""
+    chip = np.full((1, 1, 16, 16), 4.0, np.float32)
+    chip[0, 0, 0, :8] = 1.0
+    chip[0, 0, 15, 8:] = 100.0
+    feats = compute_features(chip, baseline_source("raw-pixels", tiny_cfg()).recipe)
+    delta = 4e-3
+    spread = (math.log(100 + delta) - math.log(1 + delta)) / (2 * 2.3263478740408408)
+    expected = [(math.log(a + delta) - math.log(4 + delta)) / spread for a in chip.ravel().tolist()]
+    np.testing.assert_allclose(feats[0], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_maps_baseline_on_a_step_by_hand():
+    """A vertical step (columns 0-7 at 1, 8-15 at 9): every row is the same and so is every row of
+    the reflect-padded chip, so the vertical ratio is 0 and each pixel's value is
+    |log(mean of the left half-window + eps) − log(mean of the right one + eps)| over the columns
+    j−r..j and j..j+r (reflected at the borders); 16 → 8 average pooling then averages column
+    pairs. Features: scale-major (radius 2, then 4), 8 × 8 row-major."""
+    a, b, eps = 1.0, 9.0, 1e-2
+    chip = np.full((1, 1, 16, 16), a, np.float32)
+    chip[..., 8:] = b
+    cfg = tiny_cfg()
+    assert tuple(cfg.gradient.radii) == (2, 4) and cfg.gradient.eps == eps
+    feats = compute_features(chip, baseline_source("gradient-maps", cfg).recipe)
+
+    def column(j: int) -> float:
+        j = -j if j < 0 else (30 - j if j > 15 else j)  # reflect padding of 16 columns
+        return a if j < 8 else b
+
+    expected = []
+    for r in (2, 4):
+        per_column = [abs(math.log(sum(column(c) for c in range(j - r, j + 1)) / (r + 1) + eps)
+                          - math.log(sum(column(c) for c in range(j, j + r + 1)) / (r + 1) + eps))
+                      for j in range(16)]
+        pooled = [(per_column[2 * m] + per_column[2 * m + 1]) / 2 for m in range(8)]
+        expected += pooled * 8
+    np.testing.assert_allclose(feats[0], expected, rtol=1e-5, atol=1e-6)
+    assert max(expected) > 0.5  # the step is seen
 
 
 def test_cache_hit_skips_the_extractor_and_stale_files_are_ignored(tmp_path, monkeypatch):

@@ -64,6 +64,56 @@ def test_report_files_hold_the_tables(tmp_path, local_extract):
     assert results["split"]["pool_size"] + results["split"]["test_size"] == 30
 
 
+T_975_DF2 = 4.302652729911275  # Student's t, 0.975 quantile, 2 degrees of freedom (tables)
+
+
+def _accuracy_cells(md: str, title: str) -> dict[str, list[str]]:
+    """The table under ``## Accuracy (%): <title>``: encoder -> its cells, as printed."""
+    lines = md.split(f"## Accuracy (%): {title}\n\n", 1)[1].splitlines()
+    rows = {}
+    for line in lines[2:]:
+        if not line.startswith("| "):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_report_tables_match_figures_computed_from_the_confusion_matrices(tmp_path, local_extract):
+    """Every cell of every accuracy table against an independent computation: each run's accuracy
+    from its confusion matrix, the mean and t-interval over the 3 seeds by hand (t from tables)."""
+    labels = np.repeat(np.arange(3), 10)
+    chips = blob_chips(labels, noise=3.0, seed=4)  # noisy: the accuracies are not all 100 %
+    root = write_labelled(str(tmp_path / "noisy"), chips, labels, ["A", "B", "C"])
+    res = run_fewshot(cfg_for(tmp_path, data=root, methods=["linear", "knn", "prototype"]))
+    md = Path(res.report_uri).read_text()
+    runs = res.results["runs"]
+    assert len(runs) == 2 * 3 * 2 * 3
+    by_cell: dict[tuple[str, str, int], list[float]] = {}
+    for run in runs:
+        cm = np.array(run["confusion"])
+        assert cm.sum() == run["test_size"] == res.results["split"]["test_size"]
+        assert run["accuracy"] == pytest.approx(np.trace(cm) / cm.sum())
+        by_cell.setdefault((run["encoder"], run["method"], run["shots"]), []).append(np.trace(cm) / cm.sum())
+    assert any(np.mean(v) < 1.0 for v in by_cell.values()), "a trivial task cannot tell wrong figures apart"
+    for method, title in (("linear", "linear probe"), ("knn", "k-nearest neighbours (cosine)"),
+                          ("prototype", "nearest class prototype (cosine)")):
+        table = _accuracy_cells(md, title)
+        assert set(table) == {"raw-pixels", "gradient-maps"}
+        for j, k in enumerate((1, 3)):
+            means = {}
+            for encoder, cells in table.items():
+                acc = by_cell[(encoder, method, k)]
+                assert len(acc) == 3
+                mean, half = np.mean(acc), T_975_DF2 * np.std(acc, ddof=1) / np.sqrt(3)
+                printed_mean, printed_half = (float(v) for v in cells[j].strip("*").split(" ± "))
+                assert abs(printed_mean - 100 * mean) <= 0.05 + 1e-9, (method, k, encoder, cells[j], mean)
+                assert abs(printed_half - 100 * half) <= 0.05 + 1e-9, (method, k, encoder, cells[j], half)
+                means[encoder] = mean
+            bold = {e for e, cells in table.items() if cells[j].startswith("**")}
+            assert bold == {e for e, m in means.items() if m >= max(means.values()) - 1e-12}, (method, k, table)
+
+
 def test_one_seed_says_the_interval_is_undefined(tmp_path, local_extract):
     root = blob_dataset(str(tmp_path / "blobs"), per_class=6)
     res = run_fewshot(cfg_for(tmp_path, data=root, seeds=1, methods=["knn"]))

@@ -10,9 +10,9 @@ import os
 import signal
 import sys
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import ray.cloudpickle
@@ -31,24 +31,39 @@ NUM_BAD = 2  # NaN chips written into every test dataset (so bad-row counts are 
 
 
 def write_chip_dataset(root: str, *, num_classes: int = 4, per_class: int = 40, seed: int = 0,
-                       num_bad: int = NUM_BAD, shard_chips: int = 40) -> shards.Manifest:
-    """Synthetic SAR chips (32 px) as shards of ~``shard_chips`` chips, plus ``num_bad`` NaN chips."""
+                       num_bad: int = NUM_BAD, shard_chips: int = 40,
+                       shard_sizes: Sequence[int] | None = None) -> shards.Manifest:
+    """Synthetic SAR chips (32 px), ids ``c00000``, ``c00001``, ..., plus ``num_bad`` NaN chips (at
+    :func:`bad_chip_ids`), as shards of ~``shard_chips`` chips or of exactly ``shard_sizes`` chips."""
     from sarjepa_dist.data.synth import SynthConfig, generate
 
     batch = generate(SynthConfig(num_classes=num_classes, per_class=per_class, size=IMG, seed=seed))
     chip_bytes = IMG * IMG * 4
     names = list(batch.class_names)
-    bad_at = set(np.linspace(0, len(batch) - 1, num_bad + 2)[1:-1].astype(int).tolist()) if num_bad else set()
-    with shards.ShardWriter(root, class_names=names, command=["test"],
-                            target_shard_mib=shard_chips * chip_bytes / 2**20) as w:
+    bad = set(bad_chip_ids(len(batch), num_bad))
+    cuts = set(np.cumsum(shard_sizes).tolist()) if shard_sizes else set()
+    shard_mib = 1024 if shard_sizes else shard_chips * chip_bytes / 2**20
+    with shards.ShardWriter(root, class_names=names, command=["test"], target_shard_mib=shard_mib) as w:
         for i in range(len(batch)):
             chip = batch.chips[i]
-            if i in bad_at:
+            if f"c{i:05d}" in bad:
                 chip = chip.copy()
                 chip[0, 0, 0] = np.nan
             lab = int(batch.labels[i])
             w.add(shards.ChipRecord(f"c{i:05d}", chip, label=lab, class_name=names[lab]))
-        return w.commit()
+            if i + 1 in cuts:
+                w._flush()  # cut a shard here: unequal shard sizes on purpose
+        manifest = w.commit()
+    if shard_sizes:
+        assert [s.rows for s in manifest.shards] == list(shard_sizes)
+    return manifest
+
+
+def bad_chip_ids(num_chips: int, num_bad: int = NUM_BAD) -> list[str]:
+    """The ids of the NaN chips :func:`write_chip_dataset` writes: spread evenly, never first or last."""
+    if not num_bad:
+        return []
+    return [f"c{i:05d}" for i in np.linspace(0, num_chips - 1, num_bad + 2)[1:-1].astype(int).tolist()]
 
 
 def tiny_config(data_path: str, storage_path: str, name: str, **sections: dict[str, Any]) -> Config:
@@ -119,20 +134,21 @@ class RecordEvery:
 
 @dataclass(frozen=True)
 class RecordChips:
-    """Step hook: append (epoch, step, rank, world, node, pid, chip ids) to ``<folder>/rank-<pid>.jsonl``."""
+    """Step hook: append (epoch, step, rank, world, node, pid, chip ids) to ``<folder>/rank-<pid>.jsonl``
+    (the folder is shared by every node of a simulated cluster)."""
 
     folder: str
 
     def __call__(self, view: StepView) -> None:
         row = {"epoch": view.epoch, "step": view.step, "rank": view.rank, "world": view.world_size,
-               "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
-               "chips": list(view.chip_ids), "t": time.time()}
+               "node": ray.get_runtime_context().get_node_id(), "chips": list(view.chip_ids),
+               "t": time.time()}
         with open(os.path.join(self.folder, f"rank-{os.getpid()}.jsonl"), "a") as f:
             f.write(json.dumps(row) + "\n")
 
 
 def read_records(folder: str) -> list[dict[str, Any]]:
-    """What ``RecordChips`` wrote, every rank and attempt, in time order."""
+    """Every :class:`RecordChips` row in ``folder``, oldest first."""
     rows = []
     for name in os.listdir(folder):
         with open(os.path.join(folder, name)) as f:
@@ -140,9 +156,20 @@ def read_records(folder: str) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: r["t"])
 
 
-def assert_exactly_once(epoch: int, rows: list[dict[str, Any]], all_chips: set[str], batch: int) -> None:
-    """One worker group's records of one epoch: every rank took the same number of full batches,
-    every chip of ``all_chips`` was read once, and no two ranks shared a node."""
+def final_attempt_by_epoch(rows: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
+    """Per epoch, the records of the worker group that finished it: the world size of its last
+    record (a group replaced by a resize leaves records of steps that were redone)."""
+    by_epoch: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        by_epoch[r["epoch"]].append(r)
+    return {e: [r for r in rs if r["world"] == rs[-1]["world"]] for e, rs in sorted(by_epoch.items())}
+
+
+def assert_exactly_once(epoch: int, rows: list[dict[str, Any]], chips: set[str], *, batch: int,
+                        missed: int = 0) -> None:
+    """One epoch's records: every rank took the same number of full batches, on a node of its own,
+    no chip was read twice or came from outside ``chips``, and exactly ``missed`` of ``chips`` were
+    never read (what an equal split and drop_last leave out, or the rest of an unfinished epoch)."""
     world = rows[0]["world"]
     batches = Counter(r["rank"] for r in rows)
     assert sorted(batches) == list(range(world)), f"epoch {epoch}: ranks {sorted(batches)}"
@@ -151,8 +178,10 @@ def assert_exactly_once(epoch: int, rows: list[dict[str, Any]], all_chips: set[s
     seen = Counter(c for r in rows for c in r["chips"])
     twice = [c for c, n in seen.items() if n > 1]
     assert not twice, f"epoch {epoch}: chips read more than once: {twice[:10]}"
-    # chips split evenly over the ranks: equal=True drops nothing and every batch is full
-    assert set(seen) == all_chips, f"epoch {epoch}: {len(all_chips - set(seen))} chips never read"
+    strangers = set(seen) - chips
+    assert not strangers, f"epoch {epoch}: chips that should never be read: {sorted(strangers)[:10]}"
+    never = len(chips - set(seen))
+    assert never == missed, f"epoch {epoch}: {never} chips never read, expected {missed}"
     assert len({r["node"] for r in rows}) == world, f"epoch {epoch}: ranks shared a node"
 
 

@@ -107,7 +107,7 @@ def test_run_survives_a_removed_node(tmp_path):
     all_chips = {f"c{i:05d}" for i in range(CHIPS)}
     for epoch, group in _finishing_group_by_epoch(rows).items():
         assert len(group) == WORKERS * STEPS_PER_EPOCH, f"epoch {epoch}: {len(group)} batches"
-        assert_exactly_once(epoch, group, all_chips, BATCH)
+        assert_exactly_once(epoch, group, all_chips, batch=BATCH)
     assert any(r["node"] == removed for r in rows if r["epoch"] == 1)  # the removed node did train epoch 1
     final_group = _finishing_group_by_epoch(rows)[1]
     assert all(r["node"] != removed for r in final_group)

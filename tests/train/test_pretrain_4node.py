@@ -13,17 +13,17 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import ray.cloudpickle
 
-from _train_helpers import (IMG, RecordChips, add_worker_node, assert_exactly_once, assert_finite_losses,
-                            read_records, simulated_cluster, tiny_config)
+from _train_helpers import (
+    RecordChips, add_worker_node, assert_exactly_once, assert_finite_losses, final_attempt_by_epoch, read_records,
+    simulated_cluster, tiny_config, write_chip_dataset,
+)
 from sarjepa_dist import storage
-from sarjepa_dist.data import shards
 from sarjepa_dist.train.loop import StepView
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
@@ -48,32 +48,6 @@ class HoldUntilWorld:
             time.sleep(0.5)
 
 
-def write_unequal_shards(root: str) -> shards.Manifest:
-    from sarjepa_dist.data.synth import SynthConfig, generate
-
-    batch = generate(SynthConfig(num_classes=4, per_class=sum(SHARD_SIZES) // 4, size=IMG, seed=3))
-    names = list(batch.class_names)
-    cuts = {sum(SHARD_SIZES[:i + 1]) for i in range(len(SHARD_SIZES))}
-    with shards.ShardWriter(root, class_names=names, command=["test"], target_shard_mib=1024) as w:
-        for i in range(len(batch)):
-            lab = int(batch.labels[i])
-            w.add(shards.ChipRecord(f"c{i:05d}", batch.chips[i], label=lab, class_name=names[lab]))
-            if i + 1 in cuts:
-                w._flush()  # cut a shard here: unequal shard sizes on purpose
-        manifest = w.commit()
-    assert [s.rows for s in manifest.shards] == list(SHARD_SIZES)
-    return manifest
-
-
-def final_attempt_by_epoch(rows: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
-    """Per epoch, the records of the worker group that finished it: the world size of its last
-    record (a group replaced by a resize leaves records of steps that were redone)."""
-    by_epoch: dict[int, list[dict[str, Any]]] = defaultdict(list)
-    for r in rows:
-        by_epoch[r["epoch"]].append(r)
-    return {e: [r for r in rs if r["world"] == rs[-1]["world"]] for e, rs in sorted(by_epoch.items())}
-
-
 @pytest.fixture(scope="module")
 def three_node_cluster():
     """A head node (1 CPU, for Ray Data) and three worker nodes with one ``node_slot`` each."""
@@ -84,7 +58,7 @@ def three_node_cluster():
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("four-node-data") / "chips")
-    manifest = write_unequal_shards(root)
+    manifest = write_chip_dataset(root, per_class=sum(SHARD_SIZES) // 4, seed=3, num_bad=0, shard_sizes=SHARD_SIZES)
     return root, manifest
 
 
@@ -121,7 +95,7 @@ def test_elastic_node_joins_between_epochs(three_node_cluster, dataset, tmp_path
     assert sorted(epochs) == [0, 1]
     assert [epochs[e][0]["world"] for e in (0, 1)] == [3, 4]
     for epoch, rows in epochs.items():
-        assert_exactly_once(epoch, rows, all_chips, BATCH)
+        assert_exactly_once(epoch, rows, all_chips, batch=BATCH)
     assert len({r["node"] for r in epochs[1]}) == 4
 
 
@@ -152,7 +126,7 @@ def test_four_ranks_on_four_nodes_read_every_chip_once_per_epoch(three_node_clus
     all_chips = {f"c{i:05d}" for i in range(manifest.num_chips)}
     for epoch, rs in epochs.items():
         assert len(rs) == 4 * 6
-        assert_exactly_once(epoch, rs, all_chips, BATCH)
+        assert_exactly_once(epoch, rs, all_chips, batch=BATCH)
 
 
 def _run(run_pretrain, cfg, hooks, box):
