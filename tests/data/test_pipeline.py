@@ -368,9 +368,13 @@ def test_evaluation_local_path_exactly_once(ray_local, tmp_path_factory):
     got = by_chip(batches[0] + batches[1], ("x",))
     assert sorted(got) == sorted(good)
     # one read task per shard file: Ray fuses the read into the transform stage, whose batch_size
-    # would otherwise bundle up to that many files into one task (all 4 here)
-    tasks = re.search(r"MapBatches\(_read_shards\)\S*: (\d+) tasks executed", ds.stats())
-    assert tasks and int(tasks.group(1)) == len(shards.read_manifest(root).shards) == 4
+    # would otherwise bundle up to that many files into one task (all 4 here). A split's stats stay
+    # with its consumers, so a second build is materialised to read them.
+    again = build_dataset(cfg, GRAD, need=("x",), training=False, run_name=f"t-{uuid.uuid4().hex[:8]}")
+    stats = again.materialize().stats()
+    dataset_tracker(again).kill()
+    tasks = re.search(r"MapBatches\(_read_shards\)\S*: (\d+) tasks executed", stats)
+    assert tasks and int(tasks.group(1)) == len(shards.read_manifest(root).shards) == 4, stats
     for cid in list(good)[:10]:
         ref = reference(good[cid], cfg, training=False, epoch=0, chip_id=cid)["x"]
         torch.testing.assert_close(got[cid]["x"], ref, rtol=1e-5, atol=1e-6)
