@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from _train_helpers import (
-    NUM_BAD, FailOnce, RecordEvery, assert_finite_losses, read_json, tiny_config, write_chip_dataset,
+    NUM_BAD, FailOnce, RecordChips, RecordEvery, assert_finite_losses, bad_chip_ids, read_json, read_records,
+    tiny_config, write_chip_dataset,
 )
 from sarjepa_dist import storage
 from sarjepa_dist.train import runner
@@ -36,7 +37,8 @@ def dataset(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runs(train_ray, dataset, tmp_path_factory):
-    """placement -> (cfg, PretrainResult) for an 8-step run of each transform placement."""
+    """placement -> (cfg, PretrainResult) for an 8-step run of each transform placement, reading the
+    chips in a fixed order (data.preserve_order) so that the two runs can be compared step by step."""
     from sarjepa_dist.train.runner import run_pretrain
 
     root, _ = dataset
@@ -46,11 +48,17 @@ def runs(train_ray, dataset, tmp_path_factory):
         # the online probe runs in the device run only, every 4 steps (and at the last)
         probe = {"every": 4 if placement == "device" else 0, "shots": 5, "episodes": 2, "max_per_class": 20}
         cfg = tiny_config(root, storage_path, f"local-{placement}",
-                          data={"transform_placement": placement}, probe=probe,
+                          data={"transform_placement": placement, "preserve_order": True}, probe=probe,
                           # keep one checkpoint in one run, two in the other: num_to_keep is honoured
                           train={"num_to_keep": 1 if placement == "data" else 2})
-        out[placement] = (cfg, run_pretrain(cfg, step_hooks=[RecordEvery(3)]))
+        os.makedirs(chip_records(cfg))
+        out[placement] = (cfg, run_pretrain(cfg, step_hooks=[RecordEvery(3), RecordChips(chip_records(cfg))]))
     return out
+
+
+def chip_records(cfg) -> str:
+    """Where the ``runs`` fixture records a run's chip ids (``RecordChips``)."""
+    return os.path.join(cfg.train.storage_path, f"chips-{cfg.train.name}")
 
 
 @pytest.mark.parametrize("placement", PLACEMENTS)
@@ -140,13 +148,24 @@ def test_probe_with_too_few_chips_per_class_is_refused_before_ray(dataset, tmp_p
         run_pretrain(cfg)
 
 
-def test_both_placements_learn_comparably(runs):
-    """Same seed, same data: the placements differ only in where ∇x is computed."""
-    losses = {p: runs[p][1].metrics_history[-1]["loss"] for p in PLACEMENTS}
-    first = {p: runs[p][1].metrics_history[0]["loss"] for p in PLACEMENTS}
+def test_placements_read_the_same_chips_and_agree_step_by_step(runs, dataset):
+    """Same seed, same data, same chip order: the placements differ only in where ∇x is computed
+    (the Ray Data workers or the train worker), so every step sees the same chips and the losses
+    agree to float32 rounding. Each of the 8 steps is a full batch of epoch 0, no chip twice, no bad chip."""
+    _, manifest = dataset
+    order = {}
     for p in PLACEMENTS:
-        assert losses[p] < first[p] * 1.05, (p, first[p], losses[p])
-    assert math.isclose(first["data"], first["device"], rel_tol=0.25)
+        rows = read_records(chip_records(runs[p][0]))
+        assert [(r["step"], r["epoch"], len(r["chips"])) for r in rows] == [(s, 0, 8) for s in range(1, 9)], p
+        order[p] = [r["chips"] for r in rows]
+        chips = [c for batch in order[p] for c in batch]
+        assert len(set(chips)) == len(chips) == 64, p
+        assert not set(chips) & set(bad_chip_ids(manifest.num_chips)), p
+    assert order["data"] == order["device"]
+    losses = {p: [h["loss"] for h in runs[p][1].metrics_history] for p in PLACEMENTS}
+    assert len(losses["data"]) == len(losses["device"]) >= 2
+    for a, b in zip(losses["data"], losses["device"]):
+        assert math.isclose(a, b, rel_tol=1e-3), losses
 
 
 def test_export_from_trained_checkpoint_matches_plain_timm(runs, tmp_path):
