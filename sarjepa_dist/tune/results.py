@@ -40,7 +40,23 @@ def trial_row(trial_id: str, run_uri: str, point: dict[str, Any], history: list[
         "curve": [[int(r["step"]), _number(r[metric])] for r in probed],
         "loss_curve": [[int(r["step"]), _number(r.get("loss"))] for r in history
                        if _number(r.get("loss")) is not None],
+        **_timing(history),
     }
+
+
+def _timing(history: list[dict[str, Any]]) -> dict[str, float | None]:
+    """The trial's wall time and its start-up (Ray Train, Ray Data, the probe set), the time of its
+    first report less that report's steps at the trial's average time per step since."""
+    timed = [(int(r["step"]), t) for r in history
+             if r.get("step") is not None and (t := _number(r.get("time_total_s"))) is not None]
+    if not timed:
+        return {"wall_s": None, "startup_s": None}
+    (first_step, first_t), (last_step, last_t) = timed[0], timed[-1]
+    startup = None
+    if last_step > first_step:
+        per_step = (last_t - first_t) / (last_step - first_step)
+        startup = round(max(first_t - first_step * per_step, 0.0), 2)
+    return {"wall_s": round(last_t, 2), "startup_s": startup}
 
 
 def _number(v: Any) -> float | None:

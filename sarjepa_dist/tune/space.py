@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import random
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,8 @@ from sarjepa_dist.config import Config, ConfigError, TuneConfig, config_from_dic
 MAX_CHECKED_COMBINATIONS = 4096
 # Sections and keys a trial may not vary: where it runs and where it writes are the sweep's.
 FIXED_KEYS = ("ray.", "storage.", "tune.", "pipeline.", "train.name", "train.storage_path")
+# The one key of a shuffled grid's param_space: Tune walks its list of whole points in that order.
+GRID_POINT = "grid_point"
 _INDEXED = re.compile(r"^(?P<key>[A-Za-z_][\w.]*?)(?:\[(?P<index>\d+)\])?$")
 
 
@@ -113,12 +116,29 @@ def check_search_alg(axes: list[Axis], tc: TuneConfig) -> None:
                               f"search a pair's elements as {axis.key}[0] and {axis.key}[1]")
 
 
-def param_space(axes: list[Axis]) -> dict[str, Any]:
-    """``Tuner(param_space=...)``: each axis as a Ray Tune sampler."""
+def param_space(axes: list[Axis], shuffle_seed: int | None = None, shuffle: bool = False) -> dict[str, Any]:
+    """``Tuner(param_space=...)``: each axis as a Ray Tune sampler.
+
+    With ``shuffle`` and only grid axes, the grid's points come as one grid axis of whole points
+    (``GRID_POINT``) in a seeded random order: Tune otherwise walks a grid in nested order, and
+    asynchronous early stopping compares each trial only with the trials that reached its rung
+    before it, so the first corner of the grid would set every cutoff.
+    """
     from ray import tune
 
+    if shuffle and axes and all(a.sampler == "grid" for a in axes):
+        points = [dict(zip((a.key for a in axes), values))
+                  for values in itertools.product(*(a.args for a in axes))]
+        random.Random(shuffle_seed).shuffle(points)
+        return {GRID_POINT: tune.grid_search(points)}
     samplers = {"grid": lambda *a: tune.grid_search(list(a)), "choice": lambda *a: tune.choice(list(a)),
                 "uniform": tune.uniform, "quniform": tune.quniform, "loguniform": tune.loguniform,
                 "qloguniform": tune.qloguniform, "randint": tune.randint, "qrandint": tune.qrandint,
                 "lograndint": tune.lograndint}
     return {a.key: samplers[a.sampler](*a.args) for a in axes}
+
+
+def point_of(trial_config: dict[str, Any]) -> dict[str, Any]:
+    """A trial's point (dotted key -> value) from its Tune config, shuffled grid or not."""
+    config = dict(trial_config or {})
+    return dict(config.pop(GRID_POINT, {}) or {}) | config

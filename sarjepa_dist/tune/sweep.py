@@ -3,7 +3,10 @@
 Trials run concurrently up to ``tune.max_concurrent_trials`` (the trial driver claims 0.01 CPU;
 its TorchTrainer's workers and Ray Data claim the rest). ASHA stops trials on the online probe
 (``tune.metric``, reported every ``probe.every`` steps), never on the JEPA loss: losses are not
-comparable across mask settings and a collapsing run has the lowest. A failed trial is retried
+comparable across mask settings and a collapsing run has the lowest. Under ASHA a grid's points
+start in a seeded random order (``space.param_space``): asynchronous rungs compare each trial
+with those that reached the rung before it, so nested grid order would let one corner of the
+grid set every cutoff. A failed trial is retried
 ``tune.max_failures`` times from its own checkpoint, then reported with its error. Relaunching a
 sweep with the same ``tune.name`` and ``tune.storage_path`` resumes it: finished trials are kept,
 unfinished and failed ones continue from their checkpoints.
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import zlib
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -28,7 +32,7 @@ from sarjepa_dist.data.shards import read_manifest
 from sarjepa_dist.train.loop import StepHook
 from sarjepa_dist.train.probe_hook import check_probe_data
 from sarjepa_dist.tune.results import rank_rows, table_cells, format_text, trial_row, write_sweep_outputs
-from sarjepa_dist.tune.space import apply_point, check_search_alg, check_space, param_space, sweep_axes
+from sarjepa_dist.tune.space import apply_point, check_search_alg, check_space, param_space, point_of, sweep_axes
 from sarjepa_dist.tune.trial import run_trial, trial_run_name, tune_withholds_credentials
 
 log = logging.getLogger(__name__)
@@ -100,7 +104,10 @@ def run_sweep(cfg: Config, *, step_hooks: Sequence[StepHook] = ()) -> SweepResul
 def _tuner(cfg: Config, axes: list, base_tree: dict[str, Any], step_hooks: Sequence[StepHook]) -> tune.Tuner:
     """A Tuner over the search space, or the sweep of the same name restored from storage."""
     fs, path = storage.resolve(cfg.tune.storage_path)
-    space = param_space(axes)
+    # ASHA gets the grid in a seeded random order; without a seed, one fixed by the sweep's name so
+    # that a relaunch (resume) sees the same order
+    seed = cfg.tune.seed if cfg.tune.seed is not None else zlib.crc32(cfg.tune.name.encode())
+    space = param_space(axes, shuffle_seed=seed, shuffle=cfg.tune.scheduler == "asha")
     trainable = tune.with_parameters(run_trial, sweep_name=cfg.tune.name, base=base_tree,
                                      step_hooks=list(step_hooks))
     # The trial driver itself is light; its TorchTrainer workers and Ray Data claim the CPUs.
@@ -159,5 +166,5 @@ def _row(res: Any, cfg: Config) -> dict[str, Any]:
         history = [res.metrics]
     error = None if res.error is None else (str(res.error).strip().splitlines() or ["error"])[-1][:300]
     run = storage.join(cfg.train.storage_path, trial_run_name(cfg.tune.name, trial_id))
-    return trial_row(trial_id, run, dict(res.config or {}), history, error, cfg.tune.metric,
+    return trial_row(trial_id, run, point_of(res.config), history, error, cfg.tune.metric,
                      cfg.train.steps, cfg.tune.scheduler)

@@ -18,7 +18,7 @@ from sarjepa_dist.cluster import SECRET_ENV_VARS
 from sarjepa_dist.config import Config, config_from_dict
 from sarjepa_dist.train.loop import StepHook
 from sarjepa_dist.train.runner import run_pretrain
-from sarjepa_dist.tune.space import apply_point
+from sarjepa_dist.tune.space import apply_point, point_of
 
 # Ray Tune also copies this one (an older name of the session token) into every trial's runtime_env.
 _TUNE_SECRET_ENV_VARS = frozenset(SECRET_ENV_VARS) | {"AWS_SECURITY_TOKEN"}
@@ -38,7 +38,7 @@ def run_trial(point: dict[str, Any], sweep_name: str, base: dict[str, Any],
               step_hooks: Sequence[StepHook] = ()) -> None:
     """Tune's trainable (bound with ``tune.with_parameters``): ``point`` is the trial's config."""
     name = trial_run_name(sweep_name, tune.get_context().get_trial_id())
-    cfg = trial_config(base, point, name)
+    cfg = trial_config(base, point_of(point), name)
     run_pretrain(cfg, callbacks=[TuneReportCallback()], step_hooks=step_hooks)
 
 

@@ -70,3 +70,12 @@ def test_the_plot_is_a_png(tmp_path):
     dest = str(tmp_path / "sweep.png")
     plot_sweep(rows, ["optim.lr", "mask.target_scale"], "probe_knn", dest, "sweep s")
     assert open(dest, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_trial_row_carries_its_wall_time_and_its_start_up():
+    # 12 s before the first step, then 0.5 s per step
+    history = [{"step": s, "time_total_s": 12.0 + 0.5 * s, **({"probe_knn": 0.3} if s % 20 == 0 else {})}
+               for s in (10, 20, 30, 40)]
+    row = trial_row("t", "r", {}, history, None, "probe_knn", 40, "asha")
+    assert row["wall_s"] == 32.0 and row["startup_s"] == 12.0
+    assert trial_row("t", "r", {}, [{"step": 5}], None, "probe_knn", 40, "asha")["startup_s"] is None

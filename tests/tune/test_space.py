@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from sarjepa_dist.config import ConfigError, config_from_dict
-from sarjepa_dist.tune.space import apply_point, check_search_alg, check_space, param_space, sweep_axes
+from sarjepa_dist.tune.space import (GRID_POINT, apply_point, check_search_alg, check_space, param_space, point_of,
+                                    sweep_axes)
 
 
 def _cfg(**tune):
@@ -29,6 +30,24 @@ def test_axes_come_from_search_and_the_older_grid_and_map_onto_tune_samplers():
     assert space["mask.num_target_blocks"].lower == 2 and space["mask.num_target_blocks"].upper == 5
     assert not isinstance(space["optim.ema[0]"], Categorical)
     check_space(axes, cfg)  # every edge of this space is a valid config
+
+
+def test_a_shuffled_grid_walks_every_point_once_in_a_seeded_order():
+    cfg = _cfg(search={"mask.target_scale": {"grid": [[0.1, 0.15], [0.2, 0.3]]},
+                       "optim.lr": {"grid": [1e-3, 3e-3, 1e-2]}})
+    axes = sweep_axes(cfg.tune)
+    nested = [{"mask.target_scale": s, "optim.lr": lr} for lr in (1e-3, 3e-3, 1e-2)
+              for s in ([0.1, 0.15], [0.2, 0.3])]
+    orders = {seed: param_space(axes, shuffle_seed=seed, shuffle=True)[GRID_POINT]["grid_search"] for seed in range(6)}
+    for points in orders.values():
+        assert sorted(map(repr, points)) == sorted(map(repr, nested)), "every grid point exactly once"
+    assert orders[0] == param_space(axes, shuffle_seed=0, shuffle=True)[GRID_POINT]["grid_search"], "seeded"
+    assert len({repr(p) for p in orders.values()}) > 1, "the seed changes the order"
+    # the trial's point reads back the same whichever form Tune handed it
+    assert point_of({GRID_POINT: nested[3]}) == nested[3] == point_of(nested[3])
+    # a space with a sampled axis keeps one Tune sampler per axis
+    mixed = sweep_axes(_cfg(search={"optim.lr": {"grid": [1e-3, 3e-3]}, "optim.ema[0]": {"uniform": [0.99, 0.999]}}).tune)
+    assert GRID_POINT not in param_space(mixed, shuffle_seed=0, shuffle=True)
 
 
 def test_a_pair_element_key_sets_one_element():
