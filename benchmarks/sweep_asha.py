@@ -1,7 +1,7 @@
 """A 16-trial sweep with ASHA against the same 16 trials run to the end, side by side in one run.
 
     python benchmarks/sweep_asha.py [--mstar ../shared/data/mstar_soc_17deg] [--grid mask-ema|mask-lr]
-        [--steps 300] [--probes 6] [--reduction-factor 3] [--concurrency 2] [--probe-per-class 120]
+        [--steps 600] [--probes 6] [--reduction-factor 3] [--concurrency 2] [--probe-per-class 120]
 
 The 16 trials are a 4 x 4 grid over a tiny ViT (2 blocks, patch 4) on MSTAR 17° chips (ingested
 at 128 px, trained at 32 px) on a local Ray cluster: ``mask-ema`` (the default) crosses the
@@ -16,8 +16,9 @@ Why MSTAR and not the demo's synthetic chips: at this budget a tiny ViT's mean-p
 32 px synthetic chips stays at chance for every point of the grid (a first attempt measured
 0.16-0.17 at every rung), so any scheduler "finds" the best trial; on MSTAR at 32 px the probe
 rises from 0.30 to 0.37 in 250 steps, enough to rank points. Each trial also pays a fixed
-start-up (a Ray Train controller, a worker, a Ray Data pipeline) that ASHA cannot save, so trials
-must be long enough for training to outweigh it.
+start-up that ASHA cannot save: a Ray Train controller, a worker and a Ray Data pipeline, each a
+new Python process importing torch (25-60 s here, measured per trial as ``startup_s``). Sweeps
+worth early stopping train far longer than that, so trials run 600 steps by default.
 
 Figures per arm: wall time of ``run_sweep`` (Ray start-up excluded: the cluster is up before
 either arm), trial-steps run, the best trial (its point and final probe), and for ASHA the probe
@@ -71,7 +72,8 @@ def sweep_config(data: str, runs: str, name: str, scheduler: str, args: argparse
         "mask": {"min_keep": 4},
         "model": {"patch_size": 4, "depth": 2, "predictor_dim": 48, "predictor_depth": 1, "predictor_heads": 2,
                   "context_domain": "gradient"},
-        "optim": {"warmup_fraction": 0.1},
+        # mask-ema trains at the lr the mask-lr benchmark found best (3e-2 per 256 chips)
+        "optim": {"warmup_fraction": 0.1, **({"lr": 3e-2} if args.grid == "mask-ema" else {})},
         "train": {"steps": args.steps, "checkpoint_every": args.steps, "log_every": max(every // 3, 1),
                   "cpus_per_worker": 0.5, "storage_path": runs},
         "probe": {"every": every, "shots": 5, "episodes": 3, "max_per_class": args.probe_per_class,
@@ -117,7 +119,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mstar", default=str(Path(__file__).resolve().parents[2] / "shared/data/mstar_soc_17deg"),
                    help="MSTAR class-per-folder chips")
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=600)
     p.add_argument("--probes", type=int, default=6, help="probes per trial; ASHA's grace period is one interval")
     p.add_argument("--reduction-factor", type=int, default=3)
     p.add_argument("--concurrency", type=int, default=2)

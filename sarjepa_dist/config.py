@@ -388,6 +388,8 @@ SEARCH_SAMPLERS: dict[str, tuple[int, ...]] = {
 }
 SEARCH_ALGS = ("random", "optuna")  # random: Ray Tune's grid/random variant generator; optuna: TPE
 TUNE_SCHEDULERS = ("asha", "none")
+# the order a grid's points start in under ASHA (sweep.sweep_param_space says why it matters)
+GRID_ORDERS = ("shuffled", "as-written")
 
 
 def _check_axis(key: str, spec: Any) -> None:
@@ -435,7 +437,8 @@ class TuneConfig:
     grace_period: int | None = None  # steps before ASHA may stop a trial; None: probe.every
     reduction_factor: float = 2.0  # ASHA keeps the best 1/reduction_factor at each rung
     max_failures: int = 1  # retries of a failed trial (it resumes from its own checkpoint)
-    seed: int | None = 0  # of the random/TPE sampler; None: a fresh draw each launch
+    seed: int | None = 0  # of the random/TPE sampler and the grid's shuffle; None: a fresh draw each launch
+    grid_order: str = "shuffled"  # GRID_ORDERS: under ASHA, a grid's points start in a seeded random order
 
     def validate(self, p: str = "tune") -> None:
         if not self.name or "/" in self.name:
@@ -456,6 +459,7 @@ class TuneConfig:
             _check_axis(f"{p}.search.{key}", spec)
         check_choice(f"{p}.search_alg", self.search_alg, SEARCH_ALGS)
         check_choice(f"{p}.scheduler", self.scheduler, TUNE_SCHEDULERS)
+        check_choice(f"{p}.grid_order", self.grid_order, GRID_ORDERS)
         if self.grace_period is not None:
             check_range(f"{p}.grace_period", self.grace_period, 1)
         check_range(f"{p}.reduction_factor", self.reduction_factor, 1.0, lo_open=True)

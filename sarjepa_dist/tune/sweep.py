@@ -4,9 +4,7 @@ Trials run concurrently up to ``tune.max_concurrent_trials`` (the trial driver c
 its TorchTrainer's workers and Ray Data claim the rest). ASHA stops trials on the online probe
 (``tune.metric``, reported every ``probe.every`` steps), never on the JEPA loss: losses are not
 comparable across mask settings and a collapsing run has the lowest. Under ASHA a grid's points
-start in a seeded random order (``space.param_space``): asynchronous rungs compare each trial
-with those that reached the rung before it, so nested grid order would let one corner of the
-grid set every cutoff. A failed trial is retried
+start in a seeded random order (``sweep_param_space``). A failed trial is retried
 ``tune.max_failures`` times from its own checkpoint, then reported with its error. Relaunching a
 sweep with the same ``tune.name`` and ``tune.storage_path`` resumes it: finished trials are kept,
 unfinished and failed ones continue from their checkpoints.
@@ -104,10 +102,7 @@ def run_sweep(cfg: Config, *, step_hooks: Sequence[StepHook] = ()) -> SweepResul
 def _tuner(cfg: Config, axes: list, base_tree: dict[str, Any], step_hooks: Sequence[StepHook]) -> tune.Tuner:
     """A Tuner over the search space, or the sweep of the same name restored from storage."""
     fs, path = storage.resolve(cfg.tune.storage_path)
-    # ASHA gets the grid in a seeded random order; without a seed, one fixed by the sweep's name so
-    # that a relaunch (resume) sees the same order
-    seed = cfg.tune.seed if cfg.tune.seed is not None else zlib.crc32(cfg.tune.name.encode())
-    space = param_space(axes, shuffle_seed=seed, shuffle=cfg.tune.scheduler == "asha")
+    space = sweep_param_space(cfg, axes)
     trainable = tune.with_parameters(run_trial, sweep_name=cfg.tune.name, base=base_tree,
                                      step_hooks=list(step_hooks))
     # The trial driver itself is light; its TorchTrainer workers and Ray Data claim the CPUs.
@@ -132,6 +127,16 @@ def _tuner(cfg: Config, axes: list, base_tree: dict[str, Any], step_hooks: Seque
                                   # TUNE_DISABLE_AUTO_CALLBACK_LOGGERS turns Tune's own loggers off
                                   callbacks=[JsonLoggerCallback()]),
     )
+
+
+def sweep_param_space(cfg: Config, axes: list) -> dict[str, Any]:
+    """The Tuner's param_space. Under ASHA with ``tune.grid_order: shuffled`` a grid's points start
+    in a seeded random order: asynchronous rungs compare each trial with the trials that reached
+    them first, so in nested order one corner of the grid would set every cutoff. Without
+    ``tune.seed`` the order is fixed by the sweep's name, so a relaunch (resume) sees the same."""
+    tc = cfg.tune
+    seed = tc.seed if tc.seed is not None else zlib.crc32(tc.name.encode())
+    return param_space(axes, shuffle_seed=seed, shuffle=tc.scheduler == "asha" and tc.grid_order == "shuffled")
 
 
 def _trial_dirname(trial: Any) -> str:

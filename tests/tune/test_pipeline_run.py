@@ -24,8 +24,9 @@ def test_pipeline_runs_an_asha_sweep_then_the_best_point_then_a_fewshot_report(r
 
     data = write_labelled_chips(str(tmp_path / "chips"))
     runs = str(tmp_path / "runs")
+    # as written: the scripted probe's ranking meets ASHA in a known order
     cfg = tiny_sweep_config(data, runs, "asha", tune={"search": {"train.seed": {"grid": [0, 1, 2, 3]}},
-                                                      "max_concurrent_trials": 2},
+                                                      "max_concurrent_trials": 2, "grid_order": "as-written"},
                             pipeline={"steps": 8, "out": str(tmp_path / "out")})
     failures = tmp_path / "failures"
     hooks = [ScriptedProbe(), FailTrial(seed=3, step=1, record=str(failures))]

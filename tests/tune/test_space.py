@@ -130,3 +130,27 @@ def test_optuna_tpe_samples_the_space_within_its_bounds():
         point = searcher.suggest(f"t{i}")
         assert 1e-4 <= point["optim.lr"] <= 1e-3 and 0.99 <= point["optim.ema[0]"] <= 0.999
         assert point["mask.num_target_blocks"] in (2, 3, 4) and point["data.conditioning"] in ("log", "db")
+
+
+@pytest.mark.parametrize("tune, shuffled", [
+    ({}, True),  # ASHA, shuffled by default
+    ({"grid_order": "as-written"}, False),
+    ({"scheduler": "none"}, False),  # every trial runs to the end: order cannot matter
+])
+def test_the_sweep_shuffles_a_grid_only_where_asha_would_see_its_order(tune, shuffled):
+    from sarjepa_dist.tune.sweep import sweep_param_space
+
+    cfg = _cfg(search={"train.seed": {"grid": [0, 1, 2, 3, 4, 5]}}, **tune)
+    space = sweep_param_space(cfg, sweep_axes(cfg.tune))
+    assert (GRID_POINT in space) is shuffled
+    if shuffled:
+        order = [p["train.seed"] for p in space[GRID_POINT]["grid_search"]]
+        assert sorted(order) == [0, 1, 2, 3, 4, 5] and order != [0, 1, 2, 3, 4, 5]
+        unseeded = _cfg(search={"train.seed": {"grid": [0, 1, 2, 3, 4, 5]}}, seed=None, **tune)
+        assert sweep_param_space(unseeded, sweep_axes(unseeded.tune)) == sweep_param_space(
+            unseeded, sweep_axes(unseeded.tune)), "a relaunch without tune.seed sees the same order"
+
+
+def test_an_unknown_grid_order_is_refused_naming_the_field():
+    with pytest.raises(ConfigError, match="tune.grid_order"):
+        _cfg(grid_order="sorted")
