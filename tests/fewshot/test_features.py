@@ -211,11 +211,12 @@ def test_cache_hit_skips_the_extractor_and_stale_files_are_ignored(tmp_path, mon
 
 
 def test_actor_plan_leaves_cpus_for_reading_and_uses_one_gpu_per_actor():
-    assert actor_plan({"CPU": 4}) == {"size": 1, "num_gpus": 0, "num_cpus": 3}
-    assert actor_plan({"CPU": 1}) == {"size": 1, "num_gpus": 0, "num_cpus": 1}
+    # one CPU actor reads its own shards; a pool of several or GPU actors leaves it to read tasks
+    assert actor_plan({"CPU": 4}) == {"size": 1, "num_gpus": 0, "num_cpus": 3, "reads": "actor"}
+    assert actor_plan({"CPU": 1}) == {"size": 1, "num_gpus": 0, "num_cpus": 1, "reads": "actor"}
     plan = actor_plan({"CPU": 32})
-    assert plan["size"] * plan["num_cpus"] < 32
-    assert actor_plan({"CPU": 16, "GPU": 2}) == {"size": 2, "num_gpus": 1, "num_cpus": 1}
+    assert plan["size"] * plan["num_cpus"] < 32 and plan["reads"] == "tasks"
+    assert actor_plan({"CPU": 16, "GPU": 2}) == {"size": 2, "num_gpus": 1, "num_cpus": 1, "reads": "tasks"}
     assert actor_plan({"CPU": 16, "GPU": 2}, gpu=False)["num_gpus"] == 0
 
 

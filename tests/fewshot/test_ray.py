@@ -15,8 +15,11 @@ from sarjepa_dist.config import config_from_dict
 from sarjepa_dist.data.synth import SynthConfig, write_synthetic_dataset
 from sarjepa_dist.fewshot import extract
 from sarjepa_dist.fewshot.runner import run_fewshot
+from sarjepa_dist.fewshot.sources import baseline_source, encoder_source
 from sarjepa_dist.model.io import save_checkpoint_dir
 from sarjepa_dist.model.jepa import SarJEPA
+
+from _fewshot_helpers import blob_chips, write_labelled
 
 pytestmark = pytest.mark.ray
 
@@ -88,3 +91,29 @@ def test_run_fewshot_on_s3_with_an_s3_checkpoint(ray_local, s3_bucket, tmp_path)
     assert storage.exists(f"{s3_bucket}/fewshot/fewshot.png")
     assert len([u for u in storage.list_files(f"{s3_bucket}/fewshot/features") if u.endswith(".npz")]) == 2
     assert np.isfinite([r["accuracy"] for r in results["runs"]]).all()
+
+
+@pytest.mark.parametrize("reads", ["actor", pytest.param("tasks", marks=pytest.mark.slow)])
+def test_ray_features_equal_extract_local_whoever_reads_the_shards(ray_local, tmp_path, reads):
+    """Two datasets of several shards each, an undecodable chip, a batch size that does not divide
+    a shard: every source's rows come back under the right dataset with extract_local's numbers."""
+    cfg = fewshot_cfg(str(tmp_path), str(tmp_path / "out"), ["random-init"])
+    sources = [encoder_source("random-init", cfg), baseline_source("gradient-maps", cfg)]
+    roots = {}
+    for k, n in (("a", 40), ("b", 25)):
+        labels = np.arange(n) % 3
+        chips = blob_chips(labels, size=32, seed=n)
+        if k == "a":
+            chips[7, 0, 0, 0] = np.nan
+        roots[k] = write_labelled(str(tmp_path / k), chips, labels, ["A", "B", "C"], prefix=k, target_shard_mib=0.05)
+    assert len(list((tmp_path / "a").rglob("*.parquet"))) > 2
+    got = extract.extract_features(sources, roots, batch_size=6, reads=reads)
+    for src in sources:
+        for k, root in roots.items():
+            want = extract.extract_local(src, root, batch_size=6)
+            order = np.argsort(got[src.name][k].chip_ids)
+            assert got[src.name][k].chip_ids[order].tolist() == sorted(want.chip_ids.tolist())
+            feats, ok = got[src.name][k].take(want.chip_ids.tolist())
+            np.testing.assert_array_equal(ok, want.ok)
+            np.testing.assert_allclose(feats, want.features, rtol=1e-5, atol=1e-6)
+    assert got["random-init"]["a"].take(["a-00007"])[1].tolist() == [False]
