@@ -120,9 +120,8 @@ def param_space(axes: list[Axis], shuffle_seed: int | None = None, shuffle: bool
     """``Tuner(param_space=...)``: each axis as a Ray Tune sampler.
 
     With ``shuffle`` and only grid axes, the grid's points come as one grid axis of whole points
-    (``GRID_POINT``) in a seeded random order: Tune otherwise walks a grid in nested order, and
-    asynchronous early stopping compares each trial only with the trials that reached its rung
-    before it, so the first corner of the grid would set every cutoff.
+    (``GRID_POINT``) in a seeded random order instead of Tune's nested order (why:
+    ``tune.sweep.sweep_param_space``); :func:`point_of` reads a trial's point back either way.
     """
     from ray import tune
 
