@@ -37,7 +37,7 @@ import learning_curves as lc  # noqa: E402
 from sarjepa_dist.fewshot.protocol import EncoderFeatures, paired_differences, run_protocol, summarise  # noqa: E402
 from sarjepa_dist.fewshot.splits import load_labelled_set, stratified_split  # noqa: E402
 from sarjepa_dist.model.pooling import pool_tokens  # noqa: E402
-from sarjepa_dist.probe import _stratified_rows  # noqa: E402
+from sarjepa_dist.probe import stratified_rows  # noqa: E402
 from sarjepa_dist.transforms import center_resize, prepare_inputs  # noqa: E402
 
 RECIPES = ("mean", "mean+centre", "mean+grid2", "last2", "last4")
@@ -89,7 +89,7 @@ def main() -> None:
     arrays, labelled = lc.load_arrays(args.data), load_labelled_set(args.data)
     report = stratified_split(labelled, 0.3, seed=0)
     labels = arrays.labels[report.pool]
-    val_pool, val_test = _stratified_rows(labels, None, 0.3, 1)
+    val_pool, val_test = stratified_rows(labels, None, 0.3, 1)
     model, init_state, overrides = lc.load_saved(args.encoder)
     cfg = lc.variant_config(overrides, 1)
     key = lc.eval_key(cfg)

@@ -156,7 +156,7 @@ def main() -> None:
     # The probe scores a fixed set of chips: its accuracy is a binomial proportion over them, and two
     # probes differ by more than noise only past 1.96 standard errors of the difference.
     classes = sum(1 for d in Path(args.mstar).iterdir() if d.is_dir())
-    scored = classes * max(round(args.probe_per_class * 0.3), 1)
+    scored = classes * max(round(args.probe_per_class * configs["asha"].probe.test_fraction), 1)
     best = summary["fifo_best_probe"]
     choice = summary["fifo_probe_of_asha_choice"]
     if best is not None:

@@ -38,8 +38,10 @@ class ProbeSet:
     num_classes: int
 
 
-def _stratified_rows(labels: np.ndarray, per_class: int | None, test_fraction: float,
-                     seed: int) -> tuple[np.ndarray, np.ndarray]:
+def stratified_rows(labels: np.ndarray, per_class: int | None, test_fraction: float,
+                    seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(pool, test) row indices: per class, a seeded shuffle, at most ``per_class`` rows, the first
+    ``test_fraction`` of them (at least one, and one left for the pool) to test."""
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x9B0BE]))
     pool, test = [], []
     for c in np.unique(labels[labels >= 0]):
@@ -57,7 +59,7 @@ def build_probe_set(amplitude: np.ndarray | torch.Tensor, labels: np.ndarray, cf
     """Subsample ``cfg.max_per_class`` chips per class, split pool/test (``cfg.test_fraction``,
     seeded), and compute the evaluation view's inputs ``keys`` once."""
     labels = np.asarray(labels, dtype=np.int64)
-    pool, test = _stratified_rows(labels, cfg.max_per_class, cfg.test_fraction, cfg.seed)
+    pool, test = stratified_rows(labels, cfg.max_per_class, cfg.test_fraction, cfg.seed)
     short = [int(c) for c in np.unique(labels[pool]) if (labels[pool] == c).sum() < cfg.shots]
     if short:
         raise ValueError(f"probe.shots = {cfg.shots} but classes {short} have fewer probe pool chips; "

@@ -148,3 +148,22 @@ def test_predictor_context_choice_is_validated():
     ModelConfig(predictor_context="shared").validate()
     with pytest.raises(ConfigError, match="model.predictor_context"):
         ModelConfig(predictor_context="once").validate()
+
+
+def test_the_mstar_cpu_job_trains_the_recipe_the_learning_curves_measured():
+    """jobs/pretrain_mstar_cpu.yaml is what the README's MSTAR figures measured
+    (benchmarks/learning_curves.py's base recipe): the two must not drift apart."""
+    import importlib.util
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("learning_curves", repo / "benchmarks" / "learning_curves.py")
+    curves = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(curves)
+    job = load_config(repo / "jobs" / "pretrain_mstar_cpu.yaml")
+    measured = curves.variant_config(curves.VARIANTS["base"], job.train.steps)
+    for section in ("model", "optim", "mask", "gradient"):
+        assert getattr(job, section) == getattr(measured, section), section
+    for key in ("img_size", "batch_size", "channels", "conditioning", "augment"):
+        assert getattr(job.data, key) == getattr(measured.data, key), f"data.{key}"
+    assert job.train.cpus_per_worker == 2 and job.probe.pooling == measured.fewshot.pooling

@@ -6,7 +6,7 @@ import torch
 
 from sarjepa_dist.config import ConfigError, DataConfig, GradientConfig, ModelConfig, ProbeConfig, load_config
 from sarjepa_dist.model.encoder import build_encoder
-from sarjepa_dist.probe import build_probe_set, run_probe, score_features
+from sarjepa_dist.probe import build_probe_set, run_probe, score_features, stratified_rows
 
 
 def _chips(n_per_class: int, separable: bool, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -54,6 +54,19 @@ def test_probe_split_is_stratified_fixed_and_disjoint():
     assert np.bincount(a.labels[a.test]).tolist() == [3, 3]
     assert not set(a.pool) & set(a.test)
     assert torch.equal(a.inputs["x"], b.inputs["x"])
+
+
+def test_stratified_rows_split_each_class_by_the_fraction_and_keep_one_for_the_pool():
+    labels = np.array([0] * 10 + [1] * 7 + [2] * 1 + [-1] * 3)  # -1: unlabelled, never drawn
+    pool, test = stratified_rows(labels, None, 0.3, seed=1)
+    assert np.bincount(labels[test], minlength=3).tolist() == [3, 2, 1]
+    assert np.bincount(labels[pool], minlength=3).tolist() == [7, 5, 0]
+    assert not set(pool) & set(test) and (labels[np.concatenate([pool, test])] >= 0).all()
+    capped_pool, capped_test = stratified_rows(labels, 4, 0.3, seed=1)
+    assert np.bincount(labels[np.concatenate([capped_pool, capped_test])], minlength=3).tolist() == [4, 4, 1]
+    again, _ = stratified_rows(labels, None, 0.3, seed=1)
+    other, _ = stratified_rows(labels, None, 0.3, seed=2)
+    assert np.array_equal(pool, again) and not np.array_equal(pool, other)
 
 
 def test_score_features_uses_the_same_supports_for_every_encoder():
