@@ -719,3 +719,17 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = (),
 
 def config_from_dict(tree: dict[str, Any]) -> Config:
     return _from_dict(Config, tree).validate()
+
+
+def with_absolute_paths(cfg: Config, keys: Iterable[str] = ("data.path", "probe.data")) -> Config:
+    """``cfg`` with the local paths at ``keys`` made absolute against this process's working
+    directory. Ray's train workers and Tune's trials run in other directories, so a relative
+    ``runs/data/...`` that the driver reads would name nothing there. URIs (``s3://``,
+    ``file://``) and unset keys are left as they are."""
+    tree = cfg.to_dict()
+    for key in keys:
+        section, name = key.split(".")
+        value = tree[section].get(name)
+        if isinstance(value, str) and value and "://" not in value:
+            tree[section][name] = str(Path(value).expanduser().absolute())
+    return config_from_dict(tree)

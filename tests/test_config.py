@@ -167,3 +167,16 @@ def test_the_mstar_cpu_job_trains_the_recipe_the_learning_curves_measured():
     for key in ("img_size", "batch_size", "channels", "conditioning", "augment"):
         assert getattr(job.data, key) == getattr(measured.data, key), f"data.{key}"
     assert job.train.cpus_per_worker == 2 and job.probe.pooling == measured.fewshot.pooling
+
+
+def test_with_absolute_paths_anchors_local_paths_to_this_directory_and_leaves_uris(tmp_path, monkeypatch):
+    from sarjepa_dist.config import with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    cfg = config_from_dict({"data": {"path": "runs/data/chips"}, "probe": {"data": "s3://bucket/probe"},
+                            "train": {"storage_path": "runs"}})
+    out = with_absolute_paths(cfg)
+    assert out.data.path == str(tmp_path / "runs" / "data" / "chips")
+    assert out.probe.data == "s3://bucket/probe" and out.train.storage_path == "runs"
+    assert with_absolute_paths(cfg, ("train.storage_path",)).train.storage_path == str(tmp_path / "runs")
+    assert with_absolute_paths(config_from_dict({})).probe.data is None

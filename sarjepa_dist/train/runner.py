@@ -46,7 +46,7 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from sarjepa_dist import storage
-from sarjepa_dist.config import Config, ConfigError
+from sarjepa_dist.config import Config, ConfigError, with_absolute_paths
 from sarjepa_dist.cluster import quiet_train_worker_console, ray_init, ray_train_log_level, worker_env
 from sarjepa_dist.data.pipeline import build_dataset, ingest_options
 from sarjepa_dist.data.shards import read_manifest
@@ -90,6 +90,7 @@ def run_pretrain(cfg: Config, *, callbacks: Sequence[Any] | None = None,
     """
     if not cfg.data.path:
         raise ConfigError("data.path is empty: give the shard dataset to pretrain on (local path or s3://)")
+    cfg = with_absolute_paths(cfg)  # the workers read the probe's chips in their own working directory
     # The manifests are read before Ray starts, so a wrong path fails in a second, not after start-up.
     storage.configure(cfg.storage.endpoint_url, cfg.storage.region)
     manifest = read_manifest(cfg.data.path)

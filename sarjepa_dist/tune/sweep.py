@@ -25,7 +25,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from sarjepa_dist import storage
 from sarjepa_dist.cluster import ray_session
-from sarjepa_dist.config import Config, ConfigError
+from sarjepa_dist.config import Config, ConfigError, with_absolute_paths
 from sarjepa_dist.data.shards import read_manifest
 from sarjepa_dist.train.loop import StepHook
 from sarjepa_dist.train.probe_hook import check_probe_data
@@ -72,6 +72,8 @@ def check_sweep(cfg: Config) -> list:
 def run_sweep(cfg: Config, *, step_hooks: Sequence[StepHook] = ()) -> SweepResult:
     """Run (or resume) the sweep ``cfg.tune.name``; ``step_hooks`` join every trial's train loop."""
     axes = check_sweep(cfg)
+    # trials run in Tune's trial directories: their datasets and run folders must not be relative
+    cfg = with_absolute_paths(cfg, ("data.path", "probe.data", "train.storage_path"))
     # The datasets are read before Ray starts: a wrong path fails now, not once in every trial.
     storage.configure(cfg.storage.endpoint_url, cfg.storage.region)
     manifest = read_manifest(cfg.data.path)

@@ -46,7 +46,9 @@ def runs(train_ray, dataset, tmp_path_factory):
     out = {}
     for placement in PLACEMENTS:
         # the online probe runs in the device run only, every 4 steps (and at the last)
-        probe = {"every": 4 if placement == "device" else 0, "shots": 5, "episodes": 2, "max_per_class": 20}
+        probe = {"every": 4 if placement == "device" else 0, "shots": 5, "episodes": 2, "max_per_class": 20,
+                 # relative, as in jobs/*.yaml: the worker loads it from another working directory
+                 "data": os.path.relpath(root)}
         cfg = tiny_config(root, storage_path, f"local-{placement}",
                           data={"transform_placement": placement, "preserve_order": True}, probe=probe,
                           # keep one checkpoint in one run, two in the other: num_to_keep is honoured
