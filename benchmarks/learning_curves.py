@@ -6,7 +6,8 @@ few-shot score of the final encoders on a split kept apart from the one the curv
 
 Data (MSTAR 17°, ingested at ``--chip-size``, centre crop): the fewshot default split (stratified,
 30% of each class held out, seed 0) gives the *report* pool and test set. Pretraining sees the
-report pool's chips only, without labels. The curves probe a *validation* split inside the report
+report pool's chips only, without labels (``--pretrain-data``: or those plus synthetic chips, or
+synthetic chips alone). The curves probe a *validation* split inside the report
 pool (``probe.test_fraction`` of each class, ``probe.seed`` 1), so what the curves tune on is never
 what the final table reports. The final table scores each encoder, its random init (the same
 weights at step 0) and the hand-made baselines with the ``sarjepa fewshot`` protocol (same support
@@ -59,6 +60,8 @@ VARIANTS: dict[str, list[str]] = {
     "ema-pixel": ["model.target_mode=ema-pixel"],
     "gradient-features": ["model.target_mode=gradient-features", "model.context_domain=gradient"],
 }
+# what the variants pretrain on, for the "Data" rows (transfer from synthetic chips)
+PRETRAIN_DATA = ("mstar", "mstar+synthetic", "synthetic")
 POOLINGS = ("mean", "grid2", "grid4", "centre")
 # test-time views scored on the report split (model/pooling.py encode_tokens); the curves use none
 REPORT_TTAS = ("none", "hflip")
@@ -169,6 +172,11 @@ def main() -> None:
     data.add_argument("--mstar", help="MSTAR class-per-folder JPEGs")
     data.add_argument("--synthetic", type=int, metavar="PER_CLASS",
                       help="instead of MSTAR: ten classes of synthetic SAR chips (sarjepa synth), this many each")
+    ap.add_argument("--pretrain-data", choices=PRETRAIN_DATA, default="mstar",
+                    help="what the variants pretrain on (MSTAR: the report pool's chips; synthetic: "
+                         "sarjepa synth chips at --chip-size, --synthetic-per-class of each of ten classes); "
+                         "the probe and the report stay on MSTAR")
+    ap.add_argument("--synthetic-per-class", type=int, default=200)
     ap.add_argument("--out", default="runs/learning_curves")
     ap.add_argument("--chip-size", type=int, default=128, help="centre crop at ingest (synthetic: chip side)")
     ap.add_argument("--variants", default="base,ctx-gradient", help="comma-separated presets")
@@ -191,6 +199,8 @@ def main() -> None:
     from sarjepa_dist.fewshot.splits import load_labelled_set, stratified_split
 
     out = Path(args.out).resolve()
+    if args.synthetic and args.pretrain_data != "mstar":
+        raise SystemExit("--pretrain-data is for MSTAR runs (--mstar); --synthetic already pretrains on synthetic chips")
     if args.synthetic:
         uri = str(out / f"data/synth{args.chip_size}x{args.synthetic}")
         if not (Path(uri) / "manifest.json").exists():
@@ -206,6 +216,14 @@ def main() -> None:
     chips = torch.from_numpy(arrays.chips.astype(np.float32))
     labels = arrays.labels
     pool_chips = chips[split.pool]
+    pretrain_chips = pool_chips
+    if args.pretrain_data != "mstar":
+        synth_uri = str(out / f"data/synth{args.chip_size}x{args.synthetic_per_class}")
+        if not (Path(synth_uri) / "manifest.json").exists():
+            write_synthetic_dataset(synth_uri, SynthConfig(num_classes=10, per_class=args.synthetic_per_class,
+                                                           size=args.chip_size))
+        synth_chips = torch.from_numpy(load_arrays(synth_uri).chips.astype(np.float32))
+        pretrain_chips = synth_chips if args.pretrain_data == "synthetic" else torch.cat([pool_chips, synth_chips])
     probe_cfg = ProbeConfig(every=args.probe_every, shots=10, episodes=5, test_fraction=0.3,
                             max_per_class=None, methods=["knn", "linear"], pooling="mean", seed=1)
     shots = [int(k) for k in args.shots.split(",")]
@@ -213,7 +231,8 @@ def main() -> None:
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "python": platform.python_version(), "load_avg": os.getloadavg()},
-        "data": {"dataset": uri, "chips": len(labels), "pretrain_chips": len(split.pool),
+        "data": {"dataset": uri, "chips": len(labels), "pretrain_data": args.pretrain_data,
+                 "pretrain_chips": len(pretrain_chips),
                  "report_pool": len(split.pool), "report_test": len(split.test)},
         "base": BASE, "variants": {}}
     report_feats: dict[str, EncoderFeatures] = {}
@@ -230,7 +249,7 @@ def main() -> None:
             probe_set = build_probe_set(pool_chips.numpy(), labels[split.pool], probe_cfg, cfg.data, cfg.gradient,
                                         keys=("x", "gx"))
             t0 = time.time()
-            model, init_state, curve, train_s = pretrain(cfg, pool_chips, probe_set, probe_cfg, args.seed, name)
+            model, init_state, curve, train_s = pretrain(cfg, pretrain_chips, probe_set, probe_cfg, args.seed, name)
             results["variants"][name] = {"overrides": overrides, "curve": curve, "train_seconds": round(train_s, 1),
                                          "wall_seconds": round(time.time() - t0, 1)}
             # the final evaluation encoder and its init, for later protocols without retraining
