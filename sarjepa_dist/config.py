@@ -387,7 +387,9 @@ SEARCH_SAMPLERS: dict[str, tuple[int, ...]] = {
     "randint": (2,), "qrandint": (3,), "lograndint": (2,),
 }
 SEARCH_ALGS = ("random", "optuna")  # random: Ray Tune's grid/random variant generator; optuna: TPE
-TUNE_SCHEDULERS = ("asha", "none")
+# asha: asynchronous rungs (Tune's ASHAScheduler); hyperband: synchronous successive halving, paused
+# trials resume from their checkpoints (tune/halving.py); none: every trial to train.steps
+TUNE_SCHEDULERS = ("asha", "hyperband", "none")
 # the order a grid's points start in under ASHA (sweep.sweep_param_space says why it matters)
 GRID_ORDERS = ("shuffled", "as-written")
 
@@ -433,9 +435,9 @@ class TuneConfig:
     # grid axes (the older form, same as {grid: [...]} in search): dotted key -> list of values
     grid: dict[str, list[Any]] = field(default_factory=dict)
     search_alg: str = "random"  # SEARCH_ALGS
-    scheduler: str = "asha"  # TUNE_SCHEDULERS: asha stops trials whose probe trails at a rung
-    grace_period: int | None = None  # steps before ASHA may stop a trial; None: probe.every
-    reduction_factor: float = 2.0  # ASHA keeps the best 1/reduction_factor at each rung
+    scheduler: str = "asha"  # TUNE_SCHEDULERS: asha/hyperband stop trials whose probe trails at a rung
+    grace_period: int | None = None  # steps before ASHA may stop a trial; None: probe.every (not hyperband)
+    reduction_factor: float = 2.0  # ASHA/hyperband keep the best 1/reduction_factor at each rung
     max_failures: int = 1  # retries of a failed trial (it resumes from its own checkpoint)
     seed: int | None = 0  # of the random/TPE sampler and the grid's shuffle; None: a fresh draw each launch
     grid_order: str = "shuffled"  # GRID_ORDERS: under ASHA, a grid's points start in a seeded random order

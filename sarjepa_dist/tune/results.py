@@ -16,6 +16,7 @@ from sarjepa_dist import storage
 
 COMPLETED = "completed"
 STOPPED_EARLY = "stopped early by ASHA"
+HALVED = "stopped at a rung by hyperband"
 STOPPED = "stopped before train.steps"
 ERROR = "error"
 # sections a trial's config carries that a pretraining does not need
@@ -32,7 +33,7 @@ def trial_row(trial_id: str, run_uri: str, point: dict[str, Any], history: list[
     elif steps >= total_steps:
         why = COMPLETED
     else:
-        why = STOPPED_EARLY if scheduler == "asha" else STOPPED
+        why = {"asha": STOPPED_EARLY, "hyperband": HALVED}.get(scheduler, STOPPED)
     return {
         "trial_id": trial_id, "run": run_uri, "params": point,
         metric: _number(probed[-1][metric]) if probed else None,

@@ -4,7 +4,8 @@ Trials run concurrently up to ``tune.max_concurrent_trials`` (the trial driver c
 its TorchTrainer's workers and Ray Data claim the rest). ASHA stops trials on the online probe
 (``tune.metric``, reported every ``probe.every`` steps), never on the JEPA loss: losses are not
 comparable across mask settings and a collapsing run has the lowest. Under ASHA a grid's points
-start in a seeded random order (``sweep_param_space``). A failed trial is retried
+start in a seeded random order (``sweep_param_space``). ``tune.scheduler: hyperband`` halves
+synchronously instead (``tune/halving.py``): trials pause at each rung and the best resume. A failed trial is retried
 ``tune.max_failures`` times from its own checkpoint, then reported with its error. Relaunching a
 sweep with the same ``tune.name`` and ``tune.storage_path`` resumes it: finished trials are kept,
 unfinished and failed ones continue from their checkpoints.
@@ -13,6 +14,7 @@ unfinished and failed ones continue from their checkpoints.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import zlib
 from dataclasses import dataclass
@@ -29,6 +31,8 @@ from sarjepa_dist.config import Config, ConfigError, with_absolute_paths
 from sarjepa_dist.data.shards import read_manifest
 from sarjepa_dist.train.loop import StepHook
 from sarjepa_dist.train.probe_hook import check_probe_data
+from sarjepa_dist.tune.halving import (ActiveTrials, GatedSearch, GatedVariants, SyncHalving, check_halving,
+                                        require_state_api)
 from sarjepa_dist.tune.results import rank_rows, table_cells, format_text, trial_row, write_sweep_outputs
 from sarjepa_dist.tune.space import apply_point, check_search_alg, check_space, param_space, point_of, sweep_axes
 from sarjepa_dist.tune.trial import run_trial, trial_run_name, tune_withholds_credentials
@@ -61,12 +65,23 @@ def check_sweep(cfg: Config) -> list:
     if cfg.tune.scheduler == "asha" and grace > cfg.train.steps:
         raise ConfigError(f"tune.grace_period = {grace} (default: probe.every) exceeds train.steps = "
                           f"{cfg.train.steps}: ASHA could never stop a trial; lower it")
+    if cfg.tune.scheduler == "hyperband" and cfg.probe.every % cfg.train.checkpoint_every:
+        raise ConfigError(f"tune.scheduler = hyperband pauses trials at probes and resumes them from the "
+                          f"checkpoint there: train.checkpoint_every = {cfg.train.checkpoint_every} must divide "
+                          f"probe.every = {cfg.probe.every}")
     if not cfg.data.path:
         raise ConfigError("data.path is empty: give the shard dataset the trials pretrain on (local path or s3://)")
     axes = sweep_axes(cfg.tune)
     check_space(axes, cfg)
     check_search_alg(axes, cfg.tune)
+    if cfg.tune.scheduler == "hyperband":
+        check_halving(trial_count(axes, cfg.tune), cfg.train.steps, cfg.tune.reduction_factor, cfg.probe.every)
     return axes
+
+
+def trial_count(axes: list, tc: Any) -> int:
+    """How many trials the sweep runs: each grid combination ``num_samples`` times."""
+    return math.prod(len(a.args) for a in axes if a.sampler == "grid") * tc.num_samples
 
 
 def run_sweep(cfg: Config, *, step_hooks: Sequence[StepHook] = ()) -> SweepResult:
@@ -84,6 +99,8 @@ def run_sweep(cfg: Config, *, step_hooks: Sequence[StepHook] = ()) -> SweepResul
     # Tune's strict metric check would otherwise call a bug.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     with ray_session(cfg.ray, cfg.storage), tune_withholds_credentials():
+        if cfg.tune.scheduler == "hyperband":
+            require_state_api()
         grid = _tuner(cfg, axes, base_tree, step_hooks).fit()
     rows = rank_rows([_row(res, cfg) for res in grid], cfg.tune.metric, cfg.tune.mode)
     best = next((r for r in rows if r.get(cfg.tune.metric) is not None), None)
@@ -115,12 +132,14 @@ def _tuner(cfg: Config, axes: list, base_tree: dict[str, Any], step_hooks: Seque
         return tune.Tuner.restore(experiment_path, trainable, resume_errored=True, storage_filesystem=fs,
                                   param_space=space)
     tc = cfg.tune
-    # Tune applies this limit to a Searcher (Optuna) only; the variant generator takes it itself
-    limit = tc.max_concurrent_trials if tc.search_alg == "optuna" else None
+    # Tune applies this limit to a Searcher (Optuna) only; the variant generator takes it itself.
+    # Under hyperband the searcher and scheduler share the limit on running trials (halving.py).
+    limit = tc.max_concurrent_trials if tc.search_alg == "optuna" and tc.scheduler != "hyperband" else None
+    active = ActiveTrials(tc.max_concurrent_trials, trial_count(axes, tc)) if tc.scheduler == "hyperband" else None
     return tune.Tuner(
         trainable, param_space=space,
         tune_config=tune.TuneConfig(num_samples=tc.num_samples, max_concurrent_trials=limit,
-                                    search_alg=_search_alg(cfg), scheduler=_scheduler(cfg),
+                                    search_alg=_search_alg(cfg, active), scheduler=_scheduler(cfg, active),
                                     trial_dirname_creator=_trial_dirname,
                                     metric=tc.metric, mode=tc.mode),
         run_config=tune.RunConfig(name=tc.name, storage_path=path, storage_filesystem=fs,
@@ -145,7 +164,11 @@ def _trial_dirname(trial: Any) -> str:
     return trial.trial_id
 
 
-def _scheduler(cfg: Config) -> ASHAScheduler | None:
+def _scheduler(cfg: Config, active: ActiveTrials | None = None) -> ASHAScheduler | SyncHalving | None:
+    if cfg.tune.scheduler == "hyperband":
+        assert active is not None
+        return SyncHalving(total_steps=cfg.train.steps, reduction_factor=int(cfg.tune.reduction_factor),
+                           active=active)
     if cfg.tune.scheduler != "asha":
         return None
     # time is the trial's optimiser step (every report carries it), so rungs are step counts
@@ -154,7 +177,7 @@ def _scheduler(cfg: Config) -> ASHAScheduler | None:
                          reduction_factor=cfg.tune.reduction_factor)
 
 
-def _search_alg(cfg: Config) -> Any:
+def _search_alg(cfg: Config, active: ActiveTrials | None = None) -> Any:
     if cfg.tune.search_alg == "optuna":
         try:
             import optuna  # noqa: F401 - only to say what is missing
@@ -162,7 +185,10 @@ def _search_alg(cfg: Config) -> Any:
         except ImportError as exc:
             raise ConfigError("tune.search_alg = optuna needs the optuna package: "
                               "pip install 'sarjepa-dist[optuna]'") from exc
-        return OptunaSearch(seed=cfg.tune.seed)  # TPE, Optuna's default sampler
+        searcher = OptunaSearch(seed=cfg.tune.seed)  # TPE, Optuna's default sampler
+        return searcher if active is None else GatedSearch(searcher, active)
+    if active is not None:
+        return GatedVariants(active, random_state=cfg.tune.seed)
     return BasicVariantGenerator(max_concurrent=cfg.tune.max_concurrent_trials, random_state=cfg.tune.seed)
 
 
