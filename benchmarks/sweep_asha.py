@@ -9,7 +9,10 @@ target-block scale with the EMA τ start, the axes the mission sweeps first; ``m
 with the learning rate (the earlier benchmark). Every trial probes its EMA encoder every
 ``steps / probes`` steps (5-shot k-NN, mean-pooled, ``--probe-per-class`` chips per class, 30% of
 them scored). Arm ``asha``: ``tune.scheduler: asha`` (grace period one probe interval; the grid's
-points in a seeded random order); arm ``fifo``: every trial to ``steps``. Both arms share the
+points in a seeded random order); arm ``hyperband``: synchronous successive halving (rungs at
+``steps · η^-2`` and ``steps · η^-1``, judged at the next probe; paused trials resume from the
+checkpoint each trial writes at every probe); arm ``fifo``: every trial to ``steps``
+(``--arms``, default ``asha,fifo``). Both arms share the
 cluster, the dataset and the grid; each gets a fresh sweep name.
 
 Why MSTAR and not the demo's synthetic chips: at this budget a tiny ViT's mean-pooled probe on
@@ -74,8 +77,9 @@ def sweep_config(data: str, runs: str, name: str, scheduler: str, args: argparse
                   "context_domain": "gradient"},
         # mask-ema trains at the lr the mask-lr benchmark found best (3e-2 per 256 chips)
         "optim": {"warmup_fraction": 0.1, **({"lr": 3e-2} if args.grid == "mask-ema" else {})},
-        "train": {"steps": args.steps, "checkpoint_every": args.steps, "log_every": max(every // 3, 1),
-                  "cpus_per_worker": 0.5, "storage_path": runs},
+        # hyperband resumes paused trials from the checkpoint at each probe; the others save at the end
+        "train": {"steps": args.steps, "checkpoint_every": every if scheduler == "hyperband" else args.steps,
+                  "log_every": max(every // 3, 1), "cpus_per_worker": 0.5, "storage_path": runs},
         "probe": {"every": every, "shots": 5, "episodes": 3, "max_per_class": args.probe_per_class,
                   "pooling": "mean"},
         "tune": {"name": name, "storage_path": runs, "search": GRIDS[args.grid], "scheduler": scheduler,
@@ -127,8 +131,13 @@ def main() -> None:
     p.add_argument("--grid", choices=sorted(GRIDS), default="mask-ema")
     p.add_argument("--probe-per-class", type=int, default=120,
                    help="probe chips per class (30%% of them scored); more chips, less probe noise")
+    p.add_argument("--arms", default="asha,fifo",
+                   help="comma-separated, fifo among them: asha, hyperband (synchronous halving), fifo")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args()
+    arm_names = [a for a in args.arms.split(",") if a]
+    if "fifo" not in arm_names or not set(arm_names) <= {"asha", "hyperband", "fifo"}:
+        raise SystemExit(f"--arms {args.arms!r}: give fifo and at least one of asha, hyperband")
 
     from sarjepa_dist.cluster import ray_session
     from sarjepa_dist.data.ingest import ingest_images
@@ -138,33 +147,39 @@ def main() -> None:
         ingest_images(args.mstar, data, 128)
         runs = str(Path(tmp) / "runs")
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%H%M%S")
-        configs = {arm: sweep_config(data, runs, f"bench-{arm}-{stamp}", "asha" if arm == "asha" else "none", args)
-                   for arm in ("asha", "fifo")}
-        with ray_session(configs["asha"].ray, configs["asha"].storage):
+        configs = {arm: sweep_config(data, runs, f"bench-{arm}-{stamp}", "none" if arm == "fifo" else arm, args)
+                   for arm in arm_names}
+        first = configs[arm_names[0]]
+        with ray_session(first.ray, first.storage):
             arms = {arm: run_arm(cfg) for arm, cfg in configs.items()}
 
     fifo_finals = [v for v in arms["fifo"]["final_probes"].values() if v is not None]
-    asha_choice = json.dumps(arms["asha"]["best_point"], sort_keys=True)
-    summary = {
-        "asha_over_fifo_wall": round(arms["asha"]["wall_s"] / arms["fifo"]["wall_s"], 3),
-        "asha_over_fifo_trial_steps": round(arms["asha"]["trial_steps"] / arms["fifo"]["trial_steps"], 3),
-        "same_best_point": arms["asha"]["best_point"] == arms["fifo"]["best_point"],
-        "fifo_probe_of_asha_choice": arms["fifo"]["final_probes"].get(asha_choice),
+    summary: dict[str, Any] = {
         "fifo_best_probe": arms["fifo"]["best_probe"],
         "fifo_probe_spread_sd": round(statistics.pstdev(fifo_finals), 4) if len(fifo_finals) > 1 else None,
     }
+    stoppers = [a for a in arm_names if a != "fifo"]
+    for arm in stoppers:
+        choice_key = json.dumps(arms[arm]["best_point"], sort_keys=True)
+        summary.update({
+            f"{arm}_over_fifo_wall": round(arms[arm]["wall_s"] / arms["fifo"]["wall_s"], 3),
+            f"{arm}_over_fifo_trial_steps": round(arms[arm]["trial_steps"] / arms["fifo"]["trial_steps"], 3),
+            f"{arm}_same_best_point": arms[arm]["best_point"] == arms["fifo"]["best_point"],
+            f"fifo_probe_of_{arm}_choice": arms["fifo"]["final_probes"].get(choice_key),
+        })
     # The probe scores a fixed set of chips: its accuracy is a binomial proportion over them, and two
     # probes differ by more than noise only past 1.96 standard errors of the difference.
     classes = sum(1 for d in Path(args.mstar).iterdir() if d.is_dir())
-    scored = classes * max(round(args.probe_per_class * configs["asha"].probe.test_fraction), 1)
+    scored = classes * max(round(args.probe_per_class * configs["fifo"].probe.test_fraction), 1)
     best = summary["fifo_best_probe"]
-    choice = summary["fifo_probe_of_asha_choice"]
     if best is not None:
         se_diff = math.sqrt(2 * best * (1 - best) / scored)
         summary["probe_scored_chips"] = scored
         summary["probe_noise_95"] = round(1.96 * se_diff, 4)
-        summary["asha_choice_gap"] = None if choice is None else round(best - choice, 4)
-        summary["asha_choice_within_noise"] = None if choice is None else best - choice <= 1.96 * se_diff
+        for arm in stoppers:
+            choice = summary[f"fifo_probe_of_{arm}_choice"]
+            summary[f"{arm}_choice_gap"] = None if choice is None else round(best - choice, 4)
+            summary[f"{arm}_choice_within_noise"] = None if choice is None else best - choice <= 1.96 * se_diff
     record = {"benchmark": "sweep_asha", "when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
               "settings": {**vars(args), "grid_axes": GRIDS[args.grid], "trials": 16}, "summary": summary, "arms": arms}
