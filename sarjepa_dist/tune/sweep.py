@@ -8,7 +8,7 @@ start in a seeded random order (``sweep_param_space``). ``tune.scheduler: hyperb
 synchronously instead (``tune/halving.py``): trials pause at each rung and the best resume. A failed trial is retried
 ``tune.max_failures`` times from its own checkpoint, then reported with its error. Relaunching a
 sweep with the same ``tune.name`` and ``tune.storage_path`` resumes it: finished trials are kept,
-unfinished and failed ones continue from their checkpoints.
+unfinished and failed ones continue from their checkpoints (not under hyperband: refused).
 """
 
 from __future__ import annotations
@@ -95,6 +95,8 @@ def run_sweep(cfg: Config, *, step_hooks: Sequence[StepHook] = ()) -> SweepResul
     check_probe_data(cfg)
     base_tree = cfg.to_dict()
     root = storage.join(cfg.tune.storage_path, cfg.tune.name)
+    if cfg.tune.scheduler == "hyperband":
+        _refuse_hyperband_resume(cfg)
     # ASHA acts on results that carry the probe; reports before the first probe lack it, which
     # Tune's strict metric check would otherwise call a bug.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
@@ -148,6 +150,19 @@ def _tuner(cfg: Config, axes: list, base_tree: dict[str, Any], step_hooks: Seque
                                   # TUNE_DISABLE_AUTO_CALLBACK_LOGGERS turns Tune's own loggers off
                                   callbacks=[JsonLoggerCallback()]),
     )
+
+
+def _refuse_hyperband_resume(cfg: Config) -> None:
+    """Tune restores a sweep's unfinished trials as pending, and pending trials start at once: a
+    relaunched hyperband sweep would start every paused trial together, past
+    ``tune.max_concurrent_trials`` (and past the CPUs Ray Data needs beside them)."""
+    fs, path = storage.resolve(cfg.tune.storage_path)
+    if tune.Tuner.can_restore(f"{path}/{cfg.tune.name}", storage_filesystem=fs):
+        raise ConfigError(
+            f"tune.name = {cfg.tune.name!r}: {storage.redact(storage.join(cfg.tune.storage_path, cfg.tune.name))} "
+            "already holds this sweep, and a hyperband sweep cannot be resumed (Tune would restart all its "
+            "paused trials at once); give a new tune.name, or use tune.scheduler: asha for sweeps you may "
+            "need to resume")
 
 
 def sweep_param_space(cfg: Config, axes: list) -> dict[str, Any]:

@@ -83,6 +83,10 @@ def test_hyperband_halves_synchronously_and_resumes_the_best_from_their_checkpoi
     assert resumed and all(r % 6 == 0 for r in resumed), \
         f"the winner resumed from rung checkpoints: {resumed}"
 
+    # relaunching it would restart every paused trial at once: refused, naming the key
+    with pytest.raises(ConfigError, match="tune.name = 'halving': .* a hyperband sweep cannot be resumed"):
+        run_sweep(cfg)
+
 
 @pytest.mark.ray
 def test_hyperband_on_a_cluster_without_the_state_api_is_refused_before_any_trial(ray_local, tmp_path):
