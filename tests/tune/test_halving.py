@@ -101,3 +101,41 @@ def test_hyperband_on_a_cluster_without_the_state_api_is_refused_before_any_tria
     with pytest.raises(ConfigError, match="tune.scheduler = hyperband pauses trials.*include-dashboard"):
         run_sweep(cfg)
     assert not (tmp_path / "runs" / "no-state-api").exists(), "no trial started"
+
+
+def test_no_trial_is_created_while_the_running_limit_is_full(tmp_path):
+    """The searcher side of the limit: pending and running trials count, paused ones do not."""
+    from types import SimpleNamespace
+
+    from ray.tune.experiment import Trial
+
+    from sarjepa_dist.tune.halving import ActiveTrials, GatedVariants
+
+    active = ActiveTrials(limit=2, total=4)
+    statuses = [Trial.RUNNING, Trial.PENDING, Trial.PAUSED]
+    active.watch(SimpleNamespace(get_trials=lambda: [SimpleNamespace(status=s) for s in statuses]))
+    from ray import tune
+    from ray.tune.experiment import Experiment
+
+    gen = GatedVariants(active)
+    gen.add_configurations(Experiment("gate", lambda config: None, config={"a": tune.grid_search([1, 2])},
+                                      storage_path=str(tmp_path)))
+    assert active.full() and gen.next_trial() is None
+    statuses[1] = Trial.PAUSED
+    assert not active.full() and gen.next_trial() is not None
+    # Tune pickles its searcher and scheduler with the experiment: the controller stays out
+    import pickle
+
+    assert pickle.loads(pickle.dumps(active))._controller is None
+
+
+def test_optuna_under_hyperband_is_gated_by_the_same_limit():
+    from sarjepa_dist.tune.halving import ActiveTrials, GatedSearch
+    from sarjepa_dist.tune.sweep import _search_alg
+
+    pytest.importorskip("optuna")
+    cfg = config_from_dict({"tune": {"search_alg": "optuna", "scheduler": "hyperband",
+                                     "search": {"optim.lr": {"loguniform": [1e-4, 1e-3]}}}})
+    active = ActiveTrials(limit=1, total=4)
+    alg = _search_alg(cfg, active)
+    assert isinstance(alg, GatedSearch) and alg.active is active
