@@ -150,6 +150,30 @@ def report_features(encoder: Any, amp_eval: torch.Tensor, cfg: Any, key: str) ->
     return out
 
 
+def crops_recipe(kind: str, cfg: Any, key: str) -> Any:
+    """The ``sarjepa fewshot`` recipe with ``tta: hflip+crops`` for an encoder (mean-pooled ``key``
+    input) or a baseline (as ``baseline_features`` makes it)."""
+    from sarjepa_dist.config import to_plain
+    from sarjepa_dist.fewshot.compute import GRADIENT_MAP_GRID, FeatureRecipe
+
+    common = {"kind": kind, "img_size": cfg.data.img_size, "channels": cfg.data.channels,
+              "gradient": to_plain(cfg.gradient), "input": key, "tta": "hflip+crops"}
+    if kind == "encoder":
+        return FeatureRecipe(conditioning=cfg.data.conditioning, pooling="mean", **common)
+    if kind == "raw-pixels":
+        return FeatureRecipe(conditioning="log", pooling="flatten", **common)
+    return FeatureRecipe(conditioning="log", pooling="avgpool", pool_grid=GRADIENT_MAP_GRID, **common)
+
+
+def crops_features(chips: torch.Tensor, recipe: Any, encoder: Any = None, batch: int = 256) -> np.ndarray:
+    """Stored chips (before any resize) → features, in batches, by ``fewshot.compute``."""
+    from sarjepa_dist.fewshot.compute import compute_features
+
+    if encoder is not None:
+        encoder.eval()
+    return np.concatenate([compute_features(chips[i:i + batch], recipe, encoder) for i in range(0, len(chips), batch)])
+
+
 def load_saved(path: str) -> tuple[Any, dict[str, torch.Tensor], list[str]]:
     """A saved encoder file (final and init eval-encoder states, overrides) as (model, init, overrides)."""
     saved = torch.load(path, map_location="cpu", weights_only=True)
@@ -189,6 +213,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tag", default="", help="suffix of the saved result files")
     ap.add_argument("--no-report", action="store_true", help="curves only (no report-split table)")
+    ap.add_argument("--report-crops", action="store_true",
+                    help="also score the report split with fewshot.tta hflip+crops (the sarjepa fewshot code path): "
+                         "encoders' mean-pooled tokens and both baselines averaged over the chip and 5 crops")
     ap.add_argument("--rescore", action="append", default=[], metavar="NAME=ENCODER.pt",
                     help="score an encoder this script saved (and its init) on the report split, no training")
     args = ap.parse_args()
@@ -267,10 +294,18 @@ def main() -> None:
             fp, ft = report_features(enc, amp_pool, cfg, key), report_features(enc, amp_test, cfg, key)
             for p in fp:
                 report_feats[f"{tag}{name}/{p}"] = EncoderFeatures(fp[p], ft[p])
+            if args.report_crops:
+                recipe = crops_recipe("encoder", cfg, key)
+                report_feats[f"{tag}{name}/mean+hflip+crops"] = EncoderFeatures(
+                    crops_features(chips[split.pool], recipe, enc), crops_features(chips[split.test], recipe, enc))
         if "raw-pixels" not in report_feats:
             bp, bt = baseline_features(amp_pool, cfg), baseline_features(amp_test, cfg)
             for b in bp:
                 report_feats[b] = EncoderFeatures(bp[b], bt[b])
+                if args.report_crops:
+                    recipe = crops_recipe(b, cfg, "x" if b == "raw-pixels" else "gfeat")
+                    report_feats[f"{b}+crops"] = EncoderFeatures(crops_features(chips[split.pool], recipe),
+                                                                 crops_features(chips[split.test], recipe))
     if report_feats:
         runs = run_protocol(report_feats, labels[split.pool], labels[split.test], labelled.class_names,
                             shots=shots, seeds=args.seeds, methods=["linear", "knn"])

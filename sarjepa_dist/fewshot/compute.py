@@ -20,7 +20,7 @@ from sarjepa_dist.config import DataConfig, GradientConfig, to_plain
 from sarjepa_dist.errors import SarjepaError
 from sarjepa_dist.model.encoder import MaskedViT
 from sarjepa_dist.model.pooling import encode_tokens, pool_tokens
-from sarjepa_dist.transforms import center_resize, prepare_inputs
+from sarjepa_dist.transforms import center_resize, crop_views, prepare_inputs
 
 GRADIENT_MAP_GRID = 8
 
@@ -42,7 +42,10 @@ class FeatureRecipe:
     pooling: str  # encoders: FEATURE_POOLINGS (model/pooling.py); baselines: flatten | avgpool
     pool_grid: int | None = None
     timm_kwargs: dict[str, Any] | None = None
-    tta: str = "none"  # encoders: FEATURE_TTAS, test-time views averaged (model/pooling.py)
+    # FEWSHOT_TTAS: test-time views averaged. hflip: an encoder's tokens with its mirror's
+    # (model/pooling.py; the baselines are mirror-equivariant). hflip+crops: that, averaged over
+    # transforms.crop_views of the stored chip, for encoders and baselines alike.
+    tta: str = "none"
 
     def to_dict(self) -> dict[str, Any]:
         return to_plain(dataclasses.asdict(self))
@@ -67,20 +70,27 @@ def compute_features(amplitude: np.ndarray | torch.Tensor, recipe: FeatureRecipe
         raise FeatureError(f"chips have {amp.shape[1]} channel(s) but the {recipe.kind} expects "
                            f"{recipe.channels}; evaluate on data of the encoder's channel layout")
     amp = amp.to(device)
-    amp = center_resize(amp, recipe.img_size)
+    if recipe.kind == "encoder" and model is None:
+        raise FeatureError("an encoder recipe needs its model")
+    views = crop_views(amp, recipe.img_size) if recipe.tta == "hflip+crops" else [center_resize(amp, recipe.img_size)]
+    feats = _view_features(views[0], recipe, model)
+    for view in views[1:]:
+        feats += _view_features(view, recipe, model)
+    return (feats / len(views)).float().cpu().numpy()
+
+
+def _view_features(amp: torch.Tensor, recipe: FeatureRecipe, model: torch.nn.Module | None) -> torch.Tensor:
+    """Features of one view: chips already at ``recipe.img_size``."""
     data_cfg = DataConfig(img_size=recipe.img_size, channels=recipe.channels, conditioning=recipe.conditioning)
     grad_kwargs = dict(recipe.gradient)
     if "radii" in grad_kwargs:
         grad_kwargs["radii"] = tuple(grad_kwargs["radii"])
     grad_cfg = GradientConfig(**grad_kwargs)
     with torch.no_grad():
-        inputs = prepare_inputs(amp, data_cfg, grad_cfg, need=(recipe.input,))
-        z = inputs[recipe.input].float()
+        z = prepare_inputs(amp, data_cfg, grad_cfg, need=(recipe.input,))[recipe.input].float()
         if recipe.kind == "encoder":
-            if model is None:
-                raise FeatureError("an encoder recipe needs its model")
-            feats = pool_tokens(encode_tokens(model, z, model.grid_size, recipe.tta), model.grid_size,
-                                recipe.pooling)
+            tta = "hflip" if recipe.tta == "hflip+crops" else recipe.tta
+            feats = pool_tokens(encode_tokens(model, z, model.grid_size, tta), model.grid_size, recipe.pooling)
         elif recipe.pooling == "flatten":
             feats = z.flatten(1)
         elif recipe.pooling == "avgpool":
@@ -88,7 +98,7 @@ def compute_features(amplitude: np.ndarray | torch.Tensor, recipe: FeatureRecipe
             feats = torch.nn.functional.adaptive_avg_pool2d(z, (g, g)).flatten(1)
         else:
             raise FeatureError(f"unknown pooling {recipe.pooling!r}")
-    return feats.float().cpu().numpy()
+    return feats.float()
 
 
 def features_of_chips(chips: Sequence[np.ndarray | None], recipe: FeatureRecipe, model: torch.nn.Module | None,

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import re
+import dataclasses
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -34,6 +35,7 @@ from sarjepa_dist.model.jepa import CONTEXT_INPUT
 
 FEATURE_VERSION = 1  # bump when the numbers a recipe produces change (invalidates every cache)
 BASELINES = ("raw-pixels", "gradient-maps")
+CROPS_DESCRIPTION = "averaged over the chip and 5 crops of 15/16 of its side (centre, corners)"
 # files an encoder spec may need, fetched from S3 into a temporary folder (optimizer.pt is not)
 _ENCODER_FILES = (MODEL_FILE, CONFIG_FILE, META_FILE, STATE_FILE, EXPORT_WEIGHTS, EXPORT_INFO)
 
@@ -109,6 +111,9 @@ def baseline_source(name: str, cfg: Config) -> FeatureSource:
         domain = "gradient-maps"
     else:
         raise FeatureError(f"unknown baseline {name!r}; choose one of {list(BASELINES)}")
+    if cfg.fewshot.tta == "hflip+crops":
+        recipe = dataclasses.replace(recipe, tta=cfg.fewshot.tta)
+        desc += f"; {CROPS_DESCRIPTION}"
     return FeatureSource(name=name, spec=name, recipe=recipe, domain=domain, domain_description=desc,
                          fingerprint=_fingerprint(recipe, None), info={"source": "baseline", "lineage": {}})
 
@@ -176,7 +181,9 @@ def encoder_source(spec: str, cfg: Config, name: str | None = None) -> FeatureSo
     weights = info.get("weights", "unknown")
     desc += f"; {few.pooling}-pooled tokens of the {'EMA target' if weights == 'ema-target' else weights} encoder"
     if few.tta != "none":
-        desc += f", averaged with its {few.tta} view"
+        desc += ", averaged with its azimuth mirror's"
+    if few.tta == "hflip+crops":
+        desc += f"; {CROPS_DESCRIPTION}"
     recipe = FeatureRecipe(kind="encoder", img_size=int(info.get("img_size") or model.img_size),
                            channels=int(info.get("in_chans") or model.in_chans), conditioning=conditioning,
                            gradient=dict(gradient), input=inp, pooling=few.pooling,

@@ -4,7 +4,7 @@ Everything takes and returns ``(B, C, H, W)`` batches and works on any device; s
 ``docs/CONTRACTS.md`` (transforms) and ``METHOD.md`` §2 for the operator.
 """
 
-from sarjepa_dist.transforms.augment import augment_batch, center_resize
+from sarjepa_dist.transforms.augment import TTA_CROP_FRACTION, augment_batch, center_resize, crop_views
 from sarjepa_dist.transforms.conditioning import (
     condition,
     robust_quantiles,
@@ -22,8 +22,10 @@ from sarjepa_dist.transforms.inputs import INPUT_KEYS, check_input_keys, prepare
 
 __all__ = [
     "INPUT_KEYS",
+    "TTA_CROP_FRACTION",
     "augment_batch",
     "center_resize",
+    "crop_views",
     "check_input_keys",
     "check_radii",
     "condition",

@@ -19,7 +19,11 @@ import torch.nn.functional as F
 
 from sarjepa_dist.transforms._common import check_batch
 
-__all__ = ["augment_batch", "center_resize"]
+__all__ = ["TTA_CROP_FRACTION", "augment_batch", "center_resize", "crop_views"]
+
+# Side of the test-time crops (``crop_views``) as a fraction of the chip: 120 of 128 px, a 4-px
+# shift each way, inside the training crops' range (side 0.77-1.0 of the chip at crop_scale 0.6-1).
+TTA_CROP_FRACTION = 15 / 16
 
 
 def _check(x: torch.Tensor) -> torch.Tensor:
@@ -55,6 +59,28 @@ def center_resize(x: torch.Tensor, size: int) -> torch.Tensor:
     m = min(h, w)
     top, left = (h - m) // 2, (w - m) // 2
     return _resize(x[..., top:top + m, left:left + m], size)
+
+
+def crop_views(x: torch.Tensor, size: int, fraction: float = TTA_CROP_FRACTION) -> list[torch.Tensor]:
+    """Test-time views of ``(B, C, H, W)`` chips, each centre-resized to ``size``: the chip as
+    ``center_resize`` sees it, then a centre crop and the four corner crops of side
+    ``round(m·fraction)`` of its ``m x m`` centre square (six views, the first one the usual view).
+
+    Averaging features over small shifts of the chip makes them less sensitive to where the target
+    sits (MSTAR's targets are centred to a few pixels).
+    """
+    x = _check(x)
+    size = _check_size("size", size)
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction = {fraction!r} must lie in (0, 1]")
+    h, w = x.shape[-2:]
+    m = min(h, w)
+    top, left = (h - m) // 2, (w - m) // 2
+    square = x[..., top:top + m, left:left + m]
+    c = max(1, min(m, round(m * fraction)))
+    mid, end = (m - c) // 2, m - c
+    offsets = [(mid, mid), (0, 0), (0, end), (end, 0), (end, end)]
+    return [_resize(square, size)] + [_resize(square[..., i:i + c, j:j + c], size) for i, j in offsets]
 
 
 def augment_batch(x: torch.Tensor, out_size: int, crop_scale: tuple[float, float] = (0.6, 1.0),

@@ -1,5 +1,5 @@
 """Feature computation's test-time views (fewshot.tta): encoders average a chip with its mirror,
-baselines are unchanged by it."""
+baselines are unchanged by it; ``hflip+crops`` averages every feature over the chip and its crops."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from sarjepa_dist.config import config_from_dict
 from sarjepa_dist.fewshot.compute import build_model, compute_features
 from sarjepa_dist.fewshot.sources import baseline_source, encoder_source
 from sarjepa_dist.model.pooling import pool_tokens
-from sarjepa_dist.transforms import prepare_inputs
+from sarjepa_dist.transforms import crop_views, prepare_inputs
 
 TINY = {"data": {"img_size": 16}, "gradient": {"radii": [2, 4]},
         "model": {"encoder": "vit_tiny", "patch_size": 4, "depth": 2, "predictor_dim": 48, "predictor_depth": 1,
@@ -27,7 +27,7 @@ def cfg_with(**fewshot):
 def test_hflip_encoder_features_average_the_chip_and_its_mirror():
     cfg = cfg_with(tta="hflip")
     src = encoder_source("random-init", cfg)
-    assert src.recipe.tta == "hflip" and "hflip view" in src.domain_description
+    assert src.recipe.tta == "hflip" and "azimuth mirror" in src.domain_description
     assert src.fingerprint != encoder_source("random-init", cfg_with(tta="none")).fingerprint  # cached apart
     model = build_model(src.recipe, src.state)
     chips = blob_chips(np.arange(4) % 2, size=16)
@@ -53,3 +53,32 @@ def test_baselines_ignore_tta():
         recipe = baseline_source(name, cfg).recipe
         hflip = dataclasses.replace(recipe, tta="hflip")
         np.testing.assert_array_equal(compute_features(chips, recipe), compute_features(chips, hflip))
+
+
+def test_crops_average_encoder_features_over_the_chip_and_five_crops():
+    cfg = cfg_with(tta="hflip+crops")
+    src = encoder_source("random-init", cfg)
+    assert src.recipe.tta == "hflip+crops" and "5 crops" in src.domain_description
+    assert src.fingerprint != encoder_source("random-init", cfg_with(tta="hflip")).fingerprint
+    model = build_model(src.recipe, src.state)
+    chips = blob_chips(np.arange(4) % 2, size=32)  # stored at 32 px, the model sees 16
+    feats = compute_features(chips, src.recipe, model)
+    hflip = dataclasses.replace(src.recipe, tta="hflip")
+    views = crop_views(torch.from_numpy(chips), 16)
+    assert len(views) == 6
+    expected = np.mean([compute_features(v.numpy(), hflip, model) for v in views], axis=0)
+    np.testing.assert_allclose(feats, expected, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(feats, compute_features(chips, hflip, model), atol=1e-4)
+
+
+def test_crops_apply_to_the_baselines_too():
+    cfg = cfg_with(tta="hflip+crops")
+    chips = blob_chips(np.arange(3) % 2, size=32)
+    for name in ("raw-pixels", "gradient-maps"):
+        src = baseline_source(name, cfg)
+        assert src.recipe.tta == "hflip+crops" and "5 crops" in src.domain_description
+        plain = baseline_source(name, cfg_with(tta="hflip")).recipe
+        assert src.fingerprint != baseline_source(name, cfg_with(tta="hflip")).fingerprint
+        expected = np.mean([compute_features(v.numpy(), plain) for v in crop_views(torch.from_numpy(chips), 16)],
+                           axis=0)
+        np.testing.assert_allclose(compute_features(chips, src.recipe), expected, rtol=1e-5, atol=1e-5)

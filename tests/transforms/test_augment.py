@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sarjepa_dist.transforms import augment_batch, center_resize
+from sarjepa_dist.transforms import augment_batch, center_resize, crop_views
 
 
 def chips(b: int = 6, c: int = 2, h: int = 64, w: int = 64, seed: int = 0) -> torch.Tensor:
@@ -148,3 +148,17 @@ def test_center_resize():
     assert center_resize(square, 40) is square
     with pytest.raises(ValueError):
         center_resize(square, 0)
+
+
+def test_crop_views_are_the_centre_view_then_centre_and_corner_crops():
+    x = torch.arange(2 * 1 * 16 * 20, dtype=torch.float32).reshape(2, 1, 16, 20)
+    views = crop_views(x, 16, fraction=0.75)
+    assert len(views) == 6 and all(v.shape == (2, 1, 16, 16) for v in views)
+    square = x[..., :, 2:18]  # the 16x16 centre square center_resize keeps
+    torch.testing.assert_close(views[0], center_resize(x, 16))
+    crops = [square[..., 2:14, 2:14], square[..., :12, :12], square[..., :12, 4:], square[..., 4:, :12],
+             square[..., 4:, 4:]]
+    for view, crop in zip(views[1:], crops):
+        torch.testing.assert_close(view, center_resize(crop.contiguous(), 16))
+    with pytest.raises(ValueError, match="fraction"):
+        crop_views(x, 16, fraction=0.0)
