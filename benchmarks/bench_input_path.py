@@ -9,7 +9,10 @@ The figure (issue "An input path that can feed a GPU node"): training mode, devi
   time, one thread, no Ray (the shards are read and validated before the clock starts). This is
   the baseline the issue defines (its "3,591 chips/s").
 - bare, ``task``: what one Ray Data task does, in a plain loop: ``_read_one_shard`` (Parquet read
-  + per-row validation, no tracker) then ``_process_in_pieces``, shard after shard, one thread.
+  + validation, no tracker) then ``_process_in_pieces``, shard after shard, one thread.
+- bare, ``task`` in ``cores`` processes: the same loop in that many plain processes at once (no
+  Ray; shards dealt round-robin): what the machine's cores give together when nothing but the work
+  runs, i.e. how far the cores themselves scale.
 - ray: ``build_dataset`` on a local ``ray.init(num_cpus=N)``, consumed by
   ``train.batches.iter_train_batches`` (the train loop's iterator: Ray's ``iter_batches`` with the
   seeded local shuffle buffer, ``drop_last``, then the loop's numpy → torch collation) on the
@@ -179,6 +182,42 @@ def bare_process(cfg, grad, epoch: int) -> dict[str, Any]:
             "chips_per_cpu_s": round(chips / cpu, 1) if cpu > 0 else None}
 
 
+def _bare_task_part(args: tuple[str, str, list[str], int, int, int]) -> tuple[int, float]:
+    """Worker of ``bare_parallel``: the bare task loop over every ``step``-th shard from ``part``."""
+    root_path, config, overrides, epoch, part, step = args
+    import torch
+
+    torch.set_num_threads(1)
+    sys.path.insert(0, root_path)
+    from sarjepa_dist.config import load_config as _load
+
+    cfg = _load(config, overrides=overrides)
+    import pyarrow.fs as pafs
+
+    from sarjepa_dist.data.pipeline import _process_in_pieces, _read_one_shard
+
+    spec = make_spec(cfg, cfg.gradient, epoch)
+    fs = pafs.LocalFileSystem()
+    chips, c0 = 0, time.process_time()
+    for path, rows in shard_paths(cfg.data.path)[part::step]:
+        for block in _read_one_shard(path, rows, spec=spec, filesystem=fs, tracker=None):
+            for out in _process_in_pieces(block, spec=spec):
+                chips += len(out["label"])
+    return chips, time.process_time() - c0
+
+
+def bare_parallel(pool: Any, config: str, overrides: list[str], epoch: int, cores: int) -> dict[str, Any]:
+    """The bare task loop in ``cores`` plain processes at once (no Ray), shards dealt round-robin:
+    what the machine's cores give together, the best a pipeline on them could do."""
+    t0 = time.perf_counter()
+    parts = pool.map(_bare_task_part, [(str(ROOT), config, overrides, epoch, i, cores) for i in range(cores)])
+    wall = time.perf_counter() - t0
+    chips, cpu = sum(p[0] for p in parts), sum(p[1] for p in parts)
+    return {"chips": chips, "processes": cores, "wall_s": round(wall, 3), "cpu_s": round(cpu, 3),
+            "chips_per_s": round(chips / wall, 1), "chips_per_s_per_core": round(chips / wall / cores, 1),
+            "chips_per_cpu_s": round(chips / cpu, 1) if cpu > 0 else None}
+
+
 def ray_round(cfg, grad, epoch: int, cores: int) -> dict[str, Any]:
     """One epoch through ``iter_train_batches`` on the driver, as a one-worker training run consumes it."""
     from sarjepa_dist.data.pipeline import build_dataset, dataset_tracker
@@ -273,6 +312,12 @@ def main(argv: list[str] | None = None) -> int:
         ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}})
         threads = torch.get_num_threads()
+        import multiprocessing
+
+        overrides = [*args.overrides, f"data.path={data}", "data.transform_placement=device"]
+        pool = multiprocessing.get_context("spawn").Pool(cores) if "bare" in args.sides else None
+        if pool is not None:  # start the processes and import torch there, outside any timing
+            bare_parallel(pool, args.config, overrides, 1000, cores)
         # warm-up outside the timing: Ray Data workers started, torch imported in them
         ray_round(cfg, grad, epoch=1000, cores=cores)
         torch.set_num_threads(1)
@@ -285,8 +330,11 @@ def main(argv: list[str] | None = None) -> int:
                 row["bare_process"] = bare_process(cfg, grad, epoch)
                 row["bare_task"] = bare_task(cfg, grad, epoch)
                 torch.set_num_threads(threads)  # the consumer as the driver would run it
+                row["bare_parallel"] = bare_parallel(pool, args.config, overrides, epoch, cores)
                 print(f"round {r + 1}: bare _process_batch {row['bare_process']['chips_per_s']:8.1f} chips/s | "
-                      f"bare task {row['bare_task']['chips_per_s']:8.1f}", flush=True)
+                      f"bare task {row['bare_task']['chips_per_s']:8.1f} | bare task in {cores} processes "
+                      f"{row['bare_parallel']['chips_per_s']:8.1f} ({row['bare_parallel']['chips_per_cpu_s']} per CPU-s)",
+                      flush=True)
             if "ray" in args.sides:
                 ry = row["ray"] = ray_round(cfg, grad, epoch, cores)
                 print(f"round {r + 1}: ray {ry['chips_per_s']:8.1f} chips/s overall ({ry['chips_per_s_per_core']}/core), "
@@ -295,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"{ry['tree_cpu_s_by_process']}", flush=True)
             results["rounds"].append(row)
     finally:
+        if "pool" in locals() and pool is not None:
+            pool.terminate()
         if ray.is_initialized():
             ray.shutdown()
         if tmp is not None:
@@ -310,6 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     for base in ("bare_process", "bare_task"):
         summary[f"{base}_chips_per_s"] = med(x[base]["chips_per_s"] for x in rs)
         summary[f"{base}_chips_per_cpu_s"] = med(x[base]["chips_per_cpu_s"] for x in rs)
+    for key in ("chips_per_s", "chips_per_s_per_core", "chips_per_cpu_s"):
+        summary[f"bare_parallel_{key}"] = med(x["bare_parallel"][key] for x in rs)
     for key in ("chips_per_s", "chips_per_s_per_core", "chips_per_cpu_s", "after_first_batch_chips_per_s",
                 "first_batch_s", "tree_cpu_s"):
         summary[f"ray_{key}"] = med(x["ray"][key] for x in rs)
@@ -319,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     for base in ("bare_process", "bare_task"):
         summary[f"ratio_steady_vs_{base}"] = round(summary["ray_chips_per_cpu_s"] / summary[f"{base}_chips_per_cpu_s"], 3)
         summary[f"ratio_overall_vs_{base}"] = round(summary["ray_chips_per_s_per_core"] / summary[f"{base}_chips_per_s"], 3)
+    summary["ratio_steady_vs_bare_parallel"] = round(summary["ray_chips_per_cpu_s"] / summary["bare_parallel_chips_per_cpu_s"], 3)
+    summary["ratio_overall_vs_bare_parallel"] = round(summary["ray_chips_per_s"] / summary["bare_parallel_chips_per_s"], 3)
     summary["goal"] = "ratio_steady_vs_bare_process >= 0.5 (Ray chips per CPU-second / bare _process_batch's)"
     summary["goal_met"] = summary["ratio_steady_vs_bare_process"] >= 0.5
     results["summary"] = summary
@@ -333,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{s['bare_process_chips_per_cpu_s']:8.1f} per CPU-s")
     print(f"  baseline  bare read+validate+process    : {s['bare_task_chips_per_s']:8.1f} chips/s, "
           f"{s['bare_task_chips_per_cpu_s']:8.1f} per CPU-s")
+    print(f"  baseline  the same in {cores} processes at once: {s['bare_parallel_chips_per_s']:8.1f} chips/s "
+          f"({s['bare_parallel_chips_per_s_per_core']:.1f} per core), {s['bare_parallel_chips_per_cpu_s']:8.1f} per CPU-s")
     print(f"  project   Ray Data → iter_train_batches : {s['ray_chips_per_s']:8.1f} chips/s overall "
           f"({s['ray_chips_per_s_per_core']:.1f} per core), {s['ray_chips_per_cpu_s']:8.1f} per CPU-s; "
           f"first batch {s['ray_first_batch_s']} s; {s['ray_after_first_batch_chips_per_s']} chips/s after it")
@@ -342,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{s['ratio_steady_vs_bare_task']:.3f}")
     print(f"  ratio overall (wall, per core)  vs bare _process_batch: {s['ratio_overall_vs_bare_process']:.3f}; "
           f"vs bare read+validate+process {s['ratio_overall_vs_bare_task']:.3f}")
+    print(f"  Ray vs the bare task in {cores} processes: {s['ratio_steady_vs_bare_parallel']:.3f} per CPU-s, "
+          f"{s['ratio_overall_vs_bare_parallel']:.3f} wall")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2, default=str) + "\n")
