@@ -85,7 +85,8 @@ if TYPE_CHECKING:  # ray is imported lazily so that importing this module stays 
 
 __all__ = [
     "BadDataError", "BadRowTracker", "BadRowWarning", "NEED_KEYS", "build_dataset", "chip_seed",
-    "dataset_tracker", "file_shuffle_seed", "ingest_options", "shards_per_read_task", "split_for_consumers", "transform_chip",
+    "dataset_tracker", "file_shuffle_seed", "ingest_options", "shards_per_read_task", "split_for_consumers",
+    "transform_chip",
 ]
 
 logger = logging.getLogger(__name__)
