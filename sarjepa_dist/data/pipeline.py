@@ -1,14 +1,15 @@
 """The Ray Data graph that streams chips from shards into Ray Train workers.
 
     shard files (local or s3://, through ``storage``)   -- file order shuffled per (seed, epoch)
-      → read + decode + validate, one task per file (bad rows counted per reason and skipped; an
+      → read + decode + validate, one task per group of files (bad rows counted per reason and skipped; an
         unreadable shard quarantined with its reason and its unread rows counted; see ``badrows``)
       → crop / augment (training) or centre-resize (evaluation), per chip
       → condition → ∇x                                         (only when transform_placement == "data")
       → rows → per-rank batches (seeded local shuffle buffer, equal counts on every rank)
 
 Nothing is copied to local disk: the read tasks open the Parquet files through the pyarrow
-filesystem that ``storage.resolve`` returns (one task per shard file, row group by row group, in
+filesystem that ``storage.resolve`` returns (one task per group of consecutive shard files,
+about ``READ_TASK_ROWS`` rows, one file when shards are that big; row group by row group, in
 blocks of ``READ_BLOCK_ROWS``) and stream blocks through the graph with bounded memory
 (benchmarks/bench_pipeline.py: worker RSS flat from a 1x to a 10x archive). The reader is the
 project's, not ``ray.data.read_parquet``, so that a shard that fails mid-stream is quarantined and
@@ -62,6 +63,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
@@ -83,7 +85,8 @@ if TYPE_CHECKING:  # ray is imported lazily so that importing this module stays 
 
 __all__ = [
     "BadDataError", "BadRowTracker", "BadRowWarning", "NEED_KEYS", "build_dataset", "chip_seed",
-    "dataset_tracker", "file_shuffle_seed", "ingest_options", "split_for_consumers", "transform_chip",
+    "dataset_tracker", "file_shuffle_seed", "ingest_options", "shards_per_read_task", "split_for_consumers",
+    "transform_chip",
 ]
 
 logger = logging.getLogger(__name__)
@@ -94,6 +97,11 @@ UDF_BATCH_ROWS = 128  # rows per _process_batch call: big enough to amortise the
 MAX_LOGGED_BAD_ROWS = 5  # per read block, in the Ray Data worker log
 MAX_REPORTED_EXAMPLES = 10  # per read block, sent to the tracker (counts are always complete)
 READ_BLOCK_ROWS = 1024  # rows per block the shard reader yields (one tally key each)
+# Shard files per read task: enough files for about this many rows, so that small shards do not
+# pay Ray's per-task cost once each (benchmarks/bench_input_path.py), but never so many that the
+# cluster's CPUs get fewer than READ_TASKS_PER_CPU tasks each.
+READ_TASK_ROWS = 1024
+READ_TASKS_PER_CPU = 4
 
 
 # --------------------------------------------------------------------------- seeds
@@ -177,17 +185,94 @@ def _empty_like_outputs(spec: _Spec) -> dict[str, np.ndarray]:
     return {k: feats[k][:0].numpy() for k in spec.need}
 
 
+def _binary_views(column: pa.ChunkedArray) -> list[Any]:
+    """The values of a binary column as read-only memoryviews into Arrow's buffers (None for a
+    null), without copying each value into a Python ``bytes`` as ``to_pylist`` does (64 KiB a
+    128² float32 chip). Other column types (a damaged shard) come back as ``to_pylist`` values."""
+    out: list[Any] = []
+    for chunk in column.chunks:
+        if not (pa.types.is_binary(chunk.type) or pa.types.is_large_binary(chunk.type)):
+            out.extend(chunk.to_pylist())
+            continue
+        n = len(chunk)
+        if n == 0:
+            continue
+        _, offsets_buf, data_buf = chunk.buffers()
+        off_type = np.int64 if pa.types.is_large_binary(chunk.type) else np.int32
+        offsets = np.frombuffer(offsets_buf, dtype=off_type)[chunk.offset:chunk.offset + n + 1].tolist()
+        data = memoryview(data_buf) if data_buf is not None else memoryview(b"")
+        valid = chunk.is_valid().to_pylist() if chunk.null_count else None
+        out.extend(data[offsets[i]:offsets[i + 1]] if valid is None or valid[i] else None for i in range(n))
+    return out
+
+
+def _uniform_chips(column: pa.ChunkedArray, n: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
+    """All ``n`` values of a binary column as one (n, prod(shape)) array viewing Arrow's buffer,
+    when they are non-null and exactly ``shape`` x ``dtype`` long and back to back; else None."""
+    if column.num_chunks != 1 or n == 0:
+        return None
+    chunk = column.chunk(0)
+    if chunk.null_count or not pa.types.is_binary(chunk.type):
+        return None
+    size = math.prod(shape) * dtype.itemsize
+    _, offsets_buf, data_buf = chunk.buffers()
+    offsets = np.frombuffer(offsets_buf, dtype=np.int32)[chunk.offset:chunk.offset + n + 1]
+    if data_buf is None or size == 0 or not np.array_equal(np.diff(offsets), np.full(n, size, dtype=np.int32)):
+        return None
+    start = int(offsets[0])
+    if start % dtype.itemsize:  # numpy views need no alignment, but keep reads aligned
+        return None
+    return np.frombuffer(data_buf, dtype=dtype, count=n * math.prod(shape), offset=start).reshape(n, -1)
+
+
+def _suspect_rows(table: pa.Table, shapes: list[Any], dtypes: list[Any],
+                  expected_shape: tuple[int, ...]) -> np.ndarray | None:
+    """Rows that might fail ``shards.decode_checked``, found with whole-block numpy reductions:
+    a chip passes ``check_chip`` exactly when its min and max are finite, min >= 0 (signed and
+    float kinds) and max > 0, since min and max propagate NaN. None when the block's rows are not
+    all the expected shape and one supported dtype back to back (then every row is checked alone)."""
+    if len(expected_shape) != 3 or not dtypes or any(d != dtypes[0] for d in dtypes):
+        return None
+    want = list(expected_shape)
+    if any(s != want for s in shapes):
+        return None
+    try:
+        dtype = np.dtype(dtypes[0]).newbyteorder("<")
+    except TypeError:
+        return None
+    if dtype.kind not in "fiu":
+        return None
+    x = _uniform_chips(table.column("chip"), table.num_rows, expected_shape, dtype)
+    if x is None:
+        return None
+    lo, hi = x.min(axis=1), x.max(axis=1)
+    ok = hi > 0
+    if dtype.kind in "fi":
+        ok &= lo >= 0
+    if dtype.kind == "f":
+        ok &= np.isfinite(lo) & np.isfinite(hi)
+    return ~ok
+
+
 def _validate_rows(table: pa.Table, spec: _Spec) -> tuple[pa.Table, dict[str, int], list[dict[str, Any]]]:
-    """The rows of ``table`` that decode and pass ``shards.check_chip``; the rest counted by reason."""
-    ids = table.column("chip_id").to_pylist()
-    datas = table.column("chip").to_pylist()
+    """The rows of ``table`` that decode and pass ``shards.check_chip``; the rest counted by reason.
+
+    Usually one pair of numpy reductions over the block picks the few rows to look at; those (or,
+    in a block of mixed shapes or dtypes, all rows) go through ``shards.decode_checked`` one by
+    one, which gives each bad row its reason and detail."""
     shapes = table.column("chip_shape").to_pylist()
     dtypes = table.column("chip_dtype").to_pylist()
-    paths = table.column("path").to_pylist() if "path" in table.column_names else [None] * table.num_rows
+    suspect = _suspect_rows(table, shapes, dtypes, spec.expected_shape)
+    rows = range(table.num_rows) if suspect is None else np.flatnonzero(suspect).tolist()
     keep = np.ones(table.num_rows, dtype=bool)
     bad: dict[str, int] = {}
     examples: list[dict[str, Any]] = []
-    for i in range(table.num_rows):
+    if not rows:
+        return table, bad, examples
+    ids = table.column("chip_id").to_pylist()
+    datas = _binary_views(table.column("chip"))
+    paths = table.column("path").to_pylist() if "path" in table.column_names else [None] * table.num_rows
+    for i in rows:
         try:
             shards.decode_checked(datas[i], shapes[i], dtypes[i], spec.expected_shape)
         except shards.BadChip as err:
@@ -217,7 +302,8 @@ def _read_one_shard(path: str, rows: int, *, spec: _Spec, filesystem: pafs.FileS
     try:
         with filesystem.open_input_file(path) as f:
             for index, record_batch in enumerate(
-                    pq.ParquetFile(f).iter_batches(batch_size=READ_BLOCK_ROWS, columns=READ_COLUMNS)):
+                    pq.ParquetFile(f).iter_batches(batch_size=READ_BLOCK_ROWS, columns=READ_COLUMNS,
+                                                   use_threads=False)):  # one task, one CPU
                 table = pa.Table.from_batches([record_batch])
                 table = table.append_column("path", pa.array([path] * table.num_rows, pa.string()))
                 good, bad, examples = _validate_rows(table, spec)
@@ -254,7 +340,7 @@ def _unreadable_detail(filesystem: pafs.FileSystem, uri: str, path: str, exc: Ex
 def _process_batch(batch: pa.Table, *, spec: _Spec) -> dict[str, np.ndarray]:
     """decode → crop/augment → (condition → ∇x), for one Ray Data batch of validated shard rows."""
     ids = batch.column("chip_id").to_pylist()
-    datas = batch.column("chip").to_pylist()
+    datas = _binary_views(batch.column("chip"))
     shapes = batch.column("chip_shape").to_pylist()
     dtypes = batch.column("chip_dtype").to_pylist()
     labels = pc.fill_null(batch.column("label"), -1).to_numpy().astype(np.int64)
@@ -333,13 +419,17 @@ def build_dataset(data_cfg: DataConfig, gradient_cfg: GradientConfig, *, need: S
     _dry_run(spec)
     tracker = tracker or BadRowTracker(run_name)
 
-    # One block per shard file: read tasks run in parallel over files, and each file's blocks
-    # (so each tally key) are the same in every execution. Ray fuses the two map_batches into one
-    # task that takes at least the second one's batch_size input rows; a batch_size there would
-    # put up to that many shard files into one task (an archive of <= 128 shards read serially by
-    # one task), so that stage takes whole read blocks and cuts them itself.
-    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    ds = ds.map_batches(_read_shards, batch_format="numpy", batch_size=1,
+    # Read tasks run in parallel over groups of consecutive shard files (in this epoch's file
+    # order), and each file's blocks (so each tally key) are the same in every execution whatever
+    # the grouping. A group holds enough files for about READ_TASK_ROWS rows (one file when shards
+    # are that big), but the cluster's CPUs get at least READ_TASKS_PER_CPU tasks each. Ray fuses
+    # the two map_batches into one task that takes at least the second one's batch_size input
+    # rows; a batch_size there would put up to that many shard files into one task (an archive of
+    # <= 128 shards read serially by one task), so that stage takes whole read blocks and cuts
+    # them itself.
+    per_task = shards_per_read_task([it["rows"] for it in items], _cluster_cpus())
+    ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // per_task)))
+    ds = ds.map_batches(_read_shards, batch_format="numpy", batch_size=None,
                         fn_kwargs={"spec": spec, "tracker": tracker})
     ds = ds.map_batches(_process_in_pieces, batch_format="pyarrow", batch_size=None,
                         fn_kwargs={"spec": spec})
@@ -347,6 +437,26 @@ def build_dataset(data_cfg: DataConfig, gradient_cfg: GradientConfig, *, need: S
         ds.context.execution_options = ingest_options(data_cfg)
     ds._sarjepa_bad_rows = tracker  # type: ignore[attr-defined]  # see dataset_tracker
     return ds
+
+
+def shards_per_read_task(rows: Sequence[int], cpus: float) -> int:
+    """Shard files per read task: about ``READ_TASK_ROWS`` rows, at least ``READ_TASKS_PER_CPU``
+    tasks per CPU of the cluster (``cpus``), at least one file."""
+    if not rows:
+        return 1
+    mean_rows = max(1.0, sum(rows) / len(rows))
+    by_rows = int(READ_TASK_ROWS // mean_rows)
+    by_parallelism = len(rows) // max(1, int(READ_TASKS_PER_CPU * max(1.0, cpus)))
+    return max(1, min(by_rows, by_parallelism))
+
+
+def _cluster_cpus() -> float:
+    import ray
+
+    try:
+        return float(ray.cluster_resources().get("CPU", 1.0)) if ray.is_initialized() else 1.0
+    except Exception:  # a cluster that does not answer here fails later with its own error
+        return 1.0
 
 
 def ingest_options(data_cfg: DataConfig) -> "ray.data.ExecutionOptions":

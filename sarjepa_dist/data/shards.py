@@ -25,6 +25,7 @@ import datetime as _dt
 import hashlib
 import io
 import json
+import math
 import os
 import socket
 import sys
@@ -112,7 +113,7 @@ def decode_chip(data: bytes, shape: Iterable[int], dtype: str) -> np.ndarray:
         np_dtype = np.dtype(dtype).newbyteorder("<")
     except TypeError as exc:
         raise BadChip("undecodable", f"unknown dtype {dtype!r}") from exc
-    expected = int(np.prod(shape)) * np_dtype.itemsize
+    expected = math.prod(shape) * np_dtype.itemsize  # math.prod: np.prod costs ~5 µs a row
     if data is None or len(data) != expected:
         got = 0 if data is None else len(data)
         raise BadChip("undecodable", f"{got} bytes for shape {shape} {dtype} (needs {expected})")

@@ -29,8 +29,8 @@ from sarjepa_dist.data import shards
 from sarjepa_dist.data.badrows import BadDataError, BadRowTracker, BadRowWarning, _BadRowCounter
 from sarjepa_dist.engine import make_inputs_on_device
 from sarjepa_dist.data.pipeline import (
-    _process_batch, _read_one_shard, _Spec, build_dataset, chip_seed, dataset_tracker, file_shuffle_seed,
-    split_for_consumers, stable_seed, transform_chip,
+    _binary_views, _process_batch, _read_one_shard, _Spec, _validate_rows, build_dataset, chip_seed,
+    dataset_tracker, file_shuffle_seed, shards_per_read_task, split_for_consumers, stable_seed, transform_chip,
 )
 from sarjepa_dist.train.batches import iter_train_batches
 
@@ -193,6 +193,90 @@ def test_reader_counts_bad_rows_and_process_batch_transforms_the_rest(tmp_path):
         assert empty[key].shape[0] == 0 and len(empty["chip_id"]) == 0
         if trailing:
             assert empty[key].shape[1:] == trailing
+
+
+def _validate_row_by_row(table: pa.Table, expected: tuple[int, ...]) -> tuple[list[str], dict[str, int], list[tuple]]:
+    """The reference: every row through shards.decode_checked on its own bytes."""
+    kept, bad, examples = [], {}, []
+    for row in table.to_pylist():
+        try:
+            shards.decode_checked(row["chip"], row["chip_shape"], row["chip_dtype"], expected)
+            kept.append(row["chip_id"])
+        except shards.BadChip as err:
+            bad[err.reason] = bad.get(err.reason, 0) + 1
+            examples.append((row["chip_id"], err.reason, err.detail))
+    return kept, bad, examples
+
+
+def test_block_validation_matches_row_by_row():
+    """_validate_rows screens a block with whole-block reductions and looks at suspects alone: it must
+    keep, count and describe exactly what decode_checked row by row does, in blocks that take the
+    fast path and in blocks that cannot (mixed dtypes or shapes, short bytes, nulls)."""
+    rng = np.random.default_rng(5)
+    good = [speckle(rng) for _ in range(6)]
+
+    def enc(chip_id, arr):
+        data, shape, dtype = shards.encode_chip(arr)
+        return {"chip_id": chip_id, "chip": data, "chip_shape": shape, "chip_dtype": dtype, "label": None}
+
+    def variants(base: np.ndarray, kind: str) -> np.ndarray:
+        x = base.copy()
+        if kind == "nan":
+            x[0, 3, 4] = np.nan
+        elif kind == "inf":
+            x[0, 0, 0] = np.inf
+        elif kind == "-inf":
+            x[0, 31, 31] = -np.inf
+        elif kind == "negative":
+            x[0, 5, 5] = -1e-6
+        elif kind == "zero":
+            x[:] = 0
+        elif kind == "negzero":
+            x[:] = -0.0
+        elif kind == "one-pixel":
+            x[:] = 0
+            x[0, 7, 9] = 1e-30
+        return x
+
+    kinds = ["nan", "inf", "-inf", "negative", "zero", "negzero", "one-pixel"]
+    uniform = [enc(f"g{i}", g) for i, g in enumerate(good)] + [enc(k, variants(good[0], k)) for k in kinds]
+    ints = [enc(f"u{i}", (g * 100).astype(np.uint16)) for i, g in enumerate(good)] + [
+        enc("u-zero", np.zeros(CHIP_SHAPE, np.uint16))]
+    signed = [enc("s-good", (good[1] * 100).astype(np.int16)), enc("s-neg", -np.ones(CHIP_SHAPE, np.int16)),
+              enc("s-zero", np.zeros(CHIP_SHAPE, np.int16))]
+    mixed = uniform[:3] + ints[:2] + [enc("shape", speckle(rng, (1, 16, 16))), enc("f64", good[2].astype(np.float64))]
+    short = dict(enc("short", good[3]), chip=enc("short", good[3])["chip"][:-4])
+    null = dict(enc("null", good[4]), chip=None)
+    noshape = dict(enc("noshape", good[4]), chip_shape=None)
+    schema = pa.schema([("chip_id", pa.string()), ("chip", pa.binary()), ("chip_shape", pa.list_(pa.int64())),
+                        ("chip_dtype", pa.string()), ("label", pa.int64())])
+    spec = _Spec(data_cfg("unused"), GRAD, NEED, True, 0, CHIP_SHAPE, "")
+    blocks = [uniform, ints, signed, mixed, uniform[:4] + [short], uniform[:2] + [null, noshape],
+              uniform[:6], uniform[6:], []]
+    for rows in blocks:
+        table = pa.Table.from_pylist(rows, schema=schema)
+        for t in (table, table.slice(1) if len(rows) > 1 else table):  # a sliced block too (buffer offsets)
+            kept, bad, examples = _validate_row_by_row(t, CHIP_SHAPE)
+            got, got_bad, got_examples = _validate_rows(t, spec)
+            assert got.column("chip_id").to_pylist() == kept, [r["chip_id"] for r in rows]
+            assert got_bad == bad
+            assert [(e["chip_id"], e["reason"], e["detail"]) for e in got_examples] == examples
+    # the zero-copy views hold the same bytes as to_pylist, nulls as None
+    table = pa.Table.from_pylist(uniform[:3] + [null], schema=schema)
+    assert [None if v is None else bytes(v) for v in _binary_views(table.column("chip").slice(1))] == \
+        table.column("chip").slice(1).to_pylist()
+
+
+def test_shards_per_read_task():
+    """Small shards share a read task (about READ_TASK_ROWS rows), big ones do not, and the
+    cluster's CPUs always get several tasks each."""
+    from sarjepa_dist.data import pipeline
+
+    assert shards_per_read_task([], 4) == 1
+    assert shards_per_read_task([pipeline.READ_TASK_ROWS * 2] * 50, 2) == 1
+    assert shards_per_read_task([128] * 94, 2) == pipeline.READ_TASK_ROWS // 128 == 8
+    assert shards_per_read_task([128] * 20, 2) == 20 // (2 * pipeline.READ_TASKS_PER_CPU)  # CPUs keep work
+    assert shards_per_read_task([10] * 4, 4) == 1  # the tests' small datasets: one task per file
 
 
 def test_seeds_and_file_order_are_stable():
@@ -367,7 +451,8 @@ def test_evaluation_local_path_exactly_once(ray_local, tmp_path_factory):
     dataset_tracker(ds).kill()
     got = by_chip(batches[0] + batches[1], ("x",))
     assert sorted(got) == sorted(good)
-    # one read task per shard file: Ray fuses the read into the transform stage, whose batch_size
+    # one read task per shard file here (small shards share a task only when the cluster's CPUs
+    # keep several tasks each, see shards_per_read_task): Ray fuses the read into the transform stage, whose batch_size
     # would otherwise bundle up to that many files into one task (all 4 here). A split's stats stay
     # with its consumers, so a second build is materialised to read them.
     again = build_dataset(cfg, GRAD, need=("x",), training=False, run_name=f"t-{uuid.uuid4().hex[:8]}")
