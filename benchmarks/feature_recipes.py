@@ -35,9 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import learning_curves as lc  # noqa: E402
 from sarjepa_dist.fewshot.protocol import EncoderFeatures, paired_differences, run_protocol, summarise  # noqa: E402
-from sarjepa_dist.fewshot.splits import load_labelled_set, stratified_split  # noqa: E402
 from sarjepa_dist.model.pooling import pool_tokens  # noqa: E402
-from sarjepa_dist.probe import stratified_rows  # noqa: E402
 from sarjepa_dist.transforms import center_resize, prepare_inputs  # noqa: E402
 
 RECIPES = ("mean", "mean+centre", "mean+grid2", "last2", "last4")
@@ -86,14 +84,11 @@ def main() -> None:
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
 
-    arrays, labelled = lc.load_arrays(args.data), load_labelled_set(args.data)
-    report = stratified_split(labelled, 0.3, seed=0)
-    labels = arrays.labels[report.pool]
-    val_pool, val_test = stratified_rows(labels, None, 0.3, 1)
+    chips, labels, val_pool, val_test, class_names = lc.validation_chips(args.data)
     model, init_state, overrides = lc.load_saved(args.encoder)
     cfg = lc.variant_config(overrides, 1)
     key = lc.eval_key(cfg)
-    amp = center_resize(torch.from_numpy(arrays.chips[report.pool].astype(np.float32)), cfg.data.img_size)
+    amp = center_resize(chips, cfg.data.img_size)
     x = prepare_inputs(amp, cfg.data, cfg.gradient, need=(key,))[key]
 
     feats: dict[str, EncoderFeatures] = {}
@@ -102,7 +97,7 @@ def main() -> None:
             model.eval_encoder.load_state_dict(state)
         for name, f in recipe_features(model.eval_encoder, x).items():
             feats[f"{tag}/{name}"] = EncoderFeatures(f[val_pool], f[val_test])
-    runs = run_protocol(feats, labels[val_pool], labels[val_test], labelled.class_names, shots=[10, 20],
+    runs = run_protocol(feats, labels[val_pool], labels[val_test], class_names, shots=[10, 20],
                         seeds=args.seeds, methods=["linear", "knn"])
     table = {f"{r.encoder}|{r.method}|{r.shots}": [round(100 * r.interval.mean, 1),
                                                     round(100 * (r.interval.half_width or 0), 1)]

@@ -41,7 +41,7 @@ from sarjepa_dist.masks import mask_generator
 from sarjepa_dist.model.collapse import collapse_stats
 from sarjepa_dist.model.jepa import CONTEXT_INPUT
 from sarjepa_dist.optim import Schedules, build_optimizer
-from sarjepa_dist.probe import build_probe_set, embed, run_probe
+from sarjepa_dist.probe import build_probe_set, embed, run_probe, stratified_rows
 from sarjepa_dist.transforms import augment_batch, center_resize, prepare_inputs
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -172,6 +172,20 @@ def crops_features(chips: torch.Tensor, recipe: Any, encoder: Any = None, batch:
     if encoder is not None:
         encoder.eval()
     return np.concatenate([compute_features(chips[i:i + batch], recipe, encoder) for i in range(0, len(chips), batch)])
+
+
+def validation_chips(data: str) -> tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """The report pool's stored chips (float32), their labels, the validation split the curves
+    probe (the pool cut 70/30, seed 1: pool rows, test rows) and the class names, from the MSTAR
+    shards at ``data``; the report split's test chips are never read."""
+    from sarjepa_dist.fewshot.splits import load_labelled_set, stratified_split
+
+    arrays, labelled = load_arrays(data), load_labelled_set(data)
+    report = stratified_split(labelled, 0.3, seed=0)
+    labels = arrays.labels[report.pool]
+    val_pool, val_test = stratified_rows(labels, None, 0.3, 1)
+    return (torch.from_numpy(arrays.chips[report.pool].astype(np.float32)), labels, val_pool, val_test,
+            list(labelled.class_names))
 
 
 def load_saved(path: str) -> tuple[Any, dict[str, torch.Tensor], list[str]]:
