@@ -21,6 +21,7 @@ in-process loop, no Ray: the variants differ only in their config. Prints a tabl
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -37,6 +38,7 @@ from sarjepa_dist.config import DataConfig, ProbeConfig, load_config, merge_tree
 from sarjepa_dist.data.shards import load_arrays
 from sarjepa_dist.engine import build_method, train_step
 from sarjepa_dist.fewshot.protocol import EncoderFeatures, paired_differences, run_protocol, summarise
+from sarjepa_dist.fewshot.sources import baseline_source
 from sarjepa_dist.masks import mask_generator
 from sarjepa_dist.model.collapse import collapse_stats
 from sarjepa_dist.model.jepa import CONTEXT_INPUT
@@ -150,19 +152,15 @@ def report_features(encoder: Any, amp_eval: torch.Tensor, cfg: Any, key: str) ->
     return out
 
 
-def crops_recipe(kind: str, cfg: Any, key: str) -> Any:
-    """The ``sarjepa fewshot`` recipe with ``tta: hflip+crops`` for an encoder (mean-pooled ``key``
-    input) or a baseline (as ``baseline_features`` makes it)."""
+def crops_recipe(cfg: Any, key: str) -> Any:
+    """The ``sarjepa fewshot`` recipe with ``tta: hflip+crops`` for an encoder whose mean-pooled
+    tokens embed the ``key`` input (the baselines' come from ``fewshot.sources.baseline_source``)."""
     from sarjepa_dist.config import to_plain
-    from sarjepa_dist.fewshot.compute import GRADIENT_MAP_GRID, FeatureRecipe
+    from sarjepa_dist.fewshot.compute import FeatureRecipe
 
-    common = {"kind": kind, "img_size": cfg.data.img_size, "channels": cfg.data.channels,
-              "gradient": to_plain(cfg.gradient), "input": key, "tta": "hflip+crops"}
-    if kind == "encoder":
-        return FeatureRecipe(conditioning=cfg.data.conditioning, pooling="mean", **common)
-    if kind == "raw-pixels":
-        return FeatureRecipe(conditioning="log", pooling="flatten", **common)
-    return FeatureRecipe(conditioning="log", pooling="avgpool", pool_grid=GRADIENT_MAP_GRID, **common)
+    return FeatureRecipe(kind="encoder", img_size=cfg.data.img_size, channels=cfg.data.channels,
+                         conditioning=cfg.data.conditioning, gradient=to_plain(cfg.gradient), input=key,
+                         pooling="mean", tta="hflip+crops")
 
 
 def crops_features(chips: torch.Tensor, recipe: Any, encoder: Any = None, batch: int = 256) -> np.ndarray:
@@ -309,15 +307,16 @@ def main() -> None:
             for p in fp:
                 report_feats[f"{tag}{name}/{p}"] = EncoderFeatures(fp[p], ft[p])
             if args.report_crops:
-                recipe = crops_recipe("encoder", cfg, key)
+                recipe = crops_recipe(cfg, key)
                 report_feats[f"{tag}{name}/mean+hflip+crops"] = EncoderFeatures(
                     crops_features(chips[split.pool], recipe, enc), crops_features(chips[split.test], recipe, enc))
         if "raw-pixels" not in report_feats:
             bp, bt = baseline_features(amp_pool, cfg), baseline_features(amp_test, cfg)
             for b in bp:
                 report_feats[b] = EncoderFeatures(bp[b], bt[b])
-                if args.report_crops:
-                    recipe = crops_recipe(b, cfg, "x" if b == "raw-pixels" else "gfeat")
+                if args.report_crops:  # the fewshot default (hflip+crops) applies to the baselines too
+                    recipe = baseline_source(b, dataclasses.replace(
+                        cfg, fewshot=dataclasses.replace(cfg.fewshot, tta="hflip+crops"))).recipe
                     report_feats[f"{b}+crops"] = EncoderFeatures(crops_features(chips[split.pool], recipe),
                                                                  crops_features(chips[split.test], recipe))
     if report_feats:
