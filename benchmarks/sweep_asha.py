@@ -19,9 +19,11 @@ Why MSTAR and not the demo's synthetic chips: at this budget a tiny ViT's mean-p
 32 px synthetic chips stays at chance for every point of the grid (a first attempt measured
 0.16-0.17 at every rung), so any scheduler "finds" the best trial; on MSTAR at 32 px the probe
 rises from 0.30 to 0.37 in 250 steps, enough to rank points. Each trial also pays a fixed
-start-up that ASHA cannot save: a Ray Train controller, a worker and a Ray Data pipeline, each a
-new Python process importing torch (25-60 s here, measured per trial as ``startup_s``). Sweeps
-worth early stopping train far longer than that, so trials run 600 steps by default.
+start-up that ASHA cannot save (measured per trial as ``startup_s``): with
+``--trial-executor torch-trainer`` a Ray Train controller, a worker and Ray Data's coordinators,
+each a new Python process importing torch (21-34 s here); with the default (``auto``: one-worker
+trials train in the trial's own process, which later trials reuse) the pipeline's start and the
+probe set. Sweeps worth early stopping train far longer than that, so trials run 600 steps by default.
 
 Figures per arm: wall time of ``run_sweep`` (Ray start-up excluded: the cluster is up before
 either arm), trial-steps run, the best trial (its point and final probe), and for ASHA the probe
@@ -84,7 +86,7 @@ def sweep_config(data: str, runs: str, name: str, scheduler: str, args: argparse
                   "pooling": "mean"},
         "tune": {"name": name, "storage_path": runs, "search": GRIDS[args.grid], "scheduler": scheduler,
                  "max_concurrent_trials": args.concurrency, "grace_period": every, "reduction_factor": args.reduction_factor,
-                 "max_failures": 0},
+                 "max_failures": 0, "trial_executor": args.trial_executor},
     })
 
 
@@ -133,6 +135,8 @@ def main() -> None:
                    help="probe chips per class (30%% of them scored); more chips, less probe noise")
     p.add_argument("--arms", default="asha,fifo",
                    help="comma-separated, fifo among them: asha, hyperband (synchronous halving), fifo")
+    p.add_argument("--trial-executor", default="auto", choices=["auto", "trial-process", "torch-trainer"],
+                   help="tune.trial_executor of every arm")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args()
     arm_names = [a for a in args.arms.split(",") if a]

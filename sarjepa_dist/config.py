@@ -397,6 +397,8 @@ SEARCH_ALGS = ("random", "optuna")  # random: Ray Tune's grid/random variant gen
 TUNE_SCHEDULERS = ("asha", "hyperband", "none")
 # the order a grid's points start in under ASHA (sweep.sweep_param_space says why it matters)
 GRID_ORDERS = ("shuffled", "as-written")
+# how a trial trains: auto = trial-process for a one-worker trial, torch-trainer for more
+TRIAL_EXECUTORS = ("auto", "trial-process", "torch-trainer")
 
 
 def _check_axis(key: str, spec: Any) -> None:
@@ -446,6 +448,9 @@ class TuneConfig:
     max_failures: int = 1  # retries of a failed trial (it resumes from its own checkpoint)
     seed: int | None = 0  # of the random/TPE sampler and the grid's shuffle; None: a fresh draw each launch
     grid_order: str = "shuffled"  # GRID_ORDERS: under ASHA, a grid's points start in a seeded random order
+    # TRIAL_EXECUTORS: trial-process runs a one-worker trial's loop in the trial's own process (no
+    # Ray Train controller, worker or dataset coordinator to start); torch-trainer runs a TorchTrainer
+    trial_executor: str = "auto"
 
     def validate(self, p: str = "tune") -> None:
         if not self.name or "/" in self.name:
@@ -467,6 +472,7 @@ class TuneConfig:
         check_choice(f"{p}.search_alg", self.search_alg, SEARCH_ALGS)
         check_choice(f"{p}.scheduler", self.scheduler, TUNE_SCHEDULERS)
         check_choice(f"{p}.grid_order", self.grid_order, GRID_ORDERS)
+        check_choice(f"{p}.trial_executor", self.trial_executor, TRIAL_EXECUTORS)
         if self.grace_period is not None:
             check_range(f"{p}.grace_period", self.grace_period, 1)
         check_range(f"{p}.reduction_factor", self.reduction_factor, 1.0, lo_open=True)

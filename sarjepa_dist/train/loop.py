@@ -21,9 +21,6 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, Mapping
 
-import ray
-import ray.train
-import ray.train.torch
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
@@ -39,6 +36,7 @@ from sarjepa_dist.optim import Schedules, build_optimizer
 from sarjepa_dist.train.history import HISTORY_FILE
 from sarjepa_dist.train.batches import epoch_shard, iter_train_batches
 from sarjepa_dist.train.metrics import IntervalMeter, TensorBoardLogger, format_progress
+from sarjepa_dist.train.session import LoopSession, RayTrainSession
 
 __all__ = ["RunInfo", "LoopState", "StepView", "StepHook", "train_loop_per_worker", "param_checksum"]
 
@@ -159,25 +157,24 @@ class _Collectives:
 class _Trainer:
     """One rank's training: ``__init__`` sets up, ``run`` is the loop."""
 
-    def __init__(self, loop_config: dict[str, Any]):
+    def __init__(self, loop_config: dict[str, Any], session: LoopSession):
         self.cfg: Config = config_from_dict(loop_config["config"])
         self.info = RunInfo(**loop_config["run"])
         self.hooks: list[StepHook] = list(loop_config.get("step_hooks") or ())
         storage.configure(self.cfg.storage.endpoint_url, self.cfg.storage.region)
-        ctx = ray.train.get_context()
-        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        self.device = ray.train.torch.get_device()
+        self.session = session
+        self.rank, self.world, self.device = session.rank, session.world_size, session.device
         self.total = self.cfg.train.steps
         self.coll = _Collectives(self.world)
         # Node of every rank: locality hints when this loop splits a later epoch's dataset.
-        self.node_ids: list[str] = self.coll.gather(ray.get_runtime_context().get_node_id())
+        self.node_ids: list[str] = self.coll.gather(session.node_id())
 
         self._build_method()
         self.state = LoopState(world_size=self.world, schedules=self.schedules.state_dict())
         self.history: list[dict[str, Any]] = []
         self.resumed_from: int | None = None
         self.saved_bad_rows: dict[str, Any] | None = None  # the bad-row tally of the checkpoint resumed
-        self._restore(ray.train.get_checkpoint())
+        self._restore(session.restored_checkpoint())
         # Per-rank RNG streams for anything outside the mask generator (e.g. drop-path).
         torch.manual_seed(self.cfg.train.seed * 1_000_003 + self.rank * 7919 + self.state.step)
         self.forward_net = self._wrap_model()
@@ -221,7 +218,7 @@ class _Trainer:
     def run(self) -> list[dict[str, Any]]:
         # The epoch the driver built the trainer's dataset for streams from Ray Train's split of it
         # (datasets={"train": ds}, split with equal=True like every later epoch).
-        trainer_shard = ray.train.get_dataset_shard("train")
+        trainer_shard = self.session.first_dataset()
         self.meter = IntervalMeter()
         self.model.train()
         try:
@@ -322,20 +319,20 @@ class _Trainer:
         if self.rank != 0:
             # Every rank reports at the same steps: Train V2 synchronises a report across ranks (rank
             # 0 broadcasts the checkpoint folder name), so a rank that skipped one would hang the rest.
-            ray.train.report(metrics, checkpoint=None)
+            self.session.report(metrics)
             return
         checkpoint_id = f"checkpoint_{self.state.step:08d}_{uuid.uuid4().hex[:6]}" if checkpoint_due else None
         if checkpoint_id is not None:
             metrics["checkpoint_id"] = checkpoint_id
         self.history.append(dict(metrics))  # before saving: a checkpoint holds its own report
         self.tb.log(metrics, self.state.step)
-        with self._staged_checkpoint(checkpoint_id) as checkpoint:
+        with self._staged_checkpoint(checkpoint_id) as checkpoint_dir:
             _progress.info("[sarjepa] %s%s", format_progress(metrics, self.total),
                            f" | checkpoint {checkpoint_id}" if checkpoint_id else "")
             # Ray copies the checkpoint folder to storage and only then records it in the run's
             # checkpoint index; the other ranks' reports (no checkpoint) merge into this one.
             try:
-                ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_id)
+                self.session.report(metrics, checkpoint_dir, checkpoint_id)
             except OSError as exc:  # the store stayed unreachable through every retry
                 raise storage.StorageError(
                     f"{storage.redact(self.info.run_uri)}: cannot save checkpoint {checkpoint_id} of step "
@@ -421,11 +418,11 @@ class _Trainer:
         return metrics
 
     @contextmanager
-    def _staged_checkpoint(self, checkpoint_id: str | None) -> Iterator[ray.train.Checkpoint | None]:
-        """Rank 0's checkpoint for one report, or None.
+    def _staged_checkpoint(self, checkpoint_id: str | None) -> Iterator[str | None]:
+        """Rank 0's checkpoint folder for one report, or None.
 
         A crash never corrupts a checkpoint: the folder is written complete in a local temporary
-        directory, which lives until ``ray.train.report`` has copied it to storage.
+        directory, which lives until the session's report has copied it to storage.
         """
         if checkpoint_id is None:
             yield None
@@ -434,7 +431,7 @@ class _Trainer:
             folder = os.path.join(staging, checkpoint_id)
             self._write_checkpoint(folder, checkpoint_id)
             self.tb.sync()  # the TensorBoard events reach storage with every checkpoint
-            yield ray.train.Checkpoint.from_directory(folder)
+            yield folder
 
     def _write_checkpoint(self, directory: str, checkpoint_id: str) -> dict[str, Any]:
         meta = {
@@ -458,7 +455,7 @@ class _Trainer:
         return save_checkpoint_dir(directory, self.model, self.optimizer, asdict(self.state),
                                    storage.redact_tree(self.cfg.to_dict()), meta, extra_files=extra)
 
-    def _restore(self, checkpoint: ray.train.Checkpoint | None) -> None:
+    def _restore(self, checkpoint: Any) -> None:
         if checkpoint is None:
             return
         with checkpoint.as_directory() as d:
@@ -490,10 +487,11 @@ class _Trainer:
                            self.state.batches_in_epoch)
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
+def train_loop_per_worker(loop_config: dict[str, Any], session: LoopSession | None = None) -> list[dict[str, Any]]:
     """Ray Train entry point. Returns rank 0's metrics history (Ray puts it in ``Result.return_value``).
 
     ``loop_config``: ``config`` (a Config as a dict), ``run`` (a RunInfo as a dict) and, optionally,
-    ``step_hooks`` (a list of :data:`StepHook`).
+    ``step_hooks`` (a list of :data:`StepHook`). ``session``: where the loop runs; None: a Ray
+    Train worker.
     """
-    return _Trainer(loop_config).run()
+    return _Trainer(loop_config, session if session is not None else RayTrainSession()).run()

@@ -54,7 +54,7 @@ from sarjepa_dist.model.jepa import required_inputs
 from sarjepa_dist.train.loop import RunInfo, StepHook, train_loop_per_worker
 from sarjepa_dist.train.probe_hook import OnlineProbe, check_probe_data
 
-__all__ = ["PretrainResult", "run_pretrain", "run_uri"]
+__all__ = ["PreparedRun", "PretrainResult", "prepare_run", "run_pretrain", "run_uri"]
 
 _log = logging.getLogger(__name__)
 
@@ -88,31 +88,16 @@ def run_pretrain(cfg: Config, *, callbacks: Sequence[Any] | None = None,
     ``step_hooks``: callables each worker runs after every step (see ``loop.StepHook``); they
     travel to the workers pickled, so they must be picklable.
     """
-    if not cfg.data.path:
-        raise ConfigError("data.path is empty: give the shard dataset to pretrain on (local path or s3://)")
-    cfg = with_absolute_paths(cfg)  # the workers read the probe's chips in their own working directory
-    # The manifests are read before Ray starts, so a wrong path fails in a second, not after start-up.
-    storage.configure(cfg.storage.endpoint_url, cfg.storage.region)
-    manifest = read_manifest(cfg.data.path)
-    if cfg.probe.every > 0:
-        check_probe_data(cfg)
-        step_hooks = [OnlineProbe(cfg), *step_hooks]
-    ray_init(cfg.ray, cfg.storage)
-    need = required_inputs(cfg.model)
-    tracker_name = cfg.train.name
-    dataset = build_dataset(cfg.data, cfg.gradient, need=need, training=True, epoch=0, run_name=tracker_name,
-                            manifest=manifest)
-    uri = run_uri(cfg)
-    info = RunInfo(name=cfg.train.name, run_uri=uri, dataset_id=manifest.dataset_id,
-                   dataset_path=cfg.data.path, bad_rows_run_name=tracker_name, need=need,
-                   trainer_dataset_epoch=0)
+    run = prepare_run(cfg, step_hooks)
+    cfg, manifest, info = run.cfg, run.manifest, run.info
+    uri = info.run_uri
     trainer = TorchTrainer(
         _train_fn,
-        train_loop_config={"config": cfg.to_dict(), "run": asdict(info), "step_hooks": list(step_hooks)},
+        train_loop_config=run.loop_config(),
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
         scaling_config=_scaling_config(cfg, resources_per_worker, placement_strategy),
         run_config=_run_config(cfg, callbacks),
-        datasets={"train": dataset},
+        datasets={"train": run.dataset},
         dataset_config=DataConfig(execution_options=ingest_options(cfg.data)) if cfg.data.preserve_order else None,
     )
     _log.info("pretraining %s: %d worker(s), %d steps, storage %s", cfg.train.name, cfg.train.num_workers,
@@ -128,6 +113,46 @@ def run_pretrain(cfg: Config, *, callbacks: Sequence[Any] | None = None,
     return PretrainResult(name=cfg.train.name, storage_path=uri, latest_checkpoint_uri=latest,
                           final_step=final_step, metrics_history=history, dataset_id=manifest.dataset_id,
                           metrics=metrics)
+
+
+@dataclass
+class PreparedRun:
+    """What the driver hands the loop: the config (paths made absolute), the dataset it built for
+    the first epoch, the run's facts and the step hooks (the online probe first)."""
+
+    cfg: Config
+    manifest: Any
+    dataset: Any  # ray.data.Dataset of epoch RunInfo.trainer_dataset_epoch
+    info: RunInfo
+    step_hooks: list[StepHook]
+
+    def loop_config(self) -> dict[str, Any]:
+        return {"config": self.cfg.to_dict(), "run": asdict(self.info), "step_hooks": list(self.step_hooks)}
+
+
+def prepare_run(cfg: Config, step_hooks: Sequence[StepHook] = (), *, run_uri_override: str | None = None) -> PreparedRun:
+    """Read the manifests, connect to Ray and build the first epoch's dataset (``run_pretrain`` and
+    a sweep's in-process trial). ``run_uri_override``: where checkpoints and TensorBoard go, when
+    not ``<train.storage_path>/<train.name>`` (a trial's Tune folder)."""
+    if not cfg.data.path:
+        raise ConfigError("data.path is empty: give the shard dataset to pretrain on (local path or s3://)")
+    cfg = with_absolute_paths(cfg)  # the workers read the probe's chips in their own working directory
+    # The manifests are read before Ray starts, so a wrong path fails in a second, not after start-up.
+    storage.configure(cfg.storage.endpoint_url, cfg.storage.region)
+    manifest = read_manifest(cfg.data.path)
+    hooks = list(step_hooks)
+    if cfg.probe.every > 0:
+        check_probe_data(cfg)
+        hooks = [OnlineProbe(cfg), *hooks]
+    ray_init(cfg.ray, cfg.storage)
+    need = required_inputs(cfg.model)
+    tracker_name = cfg.train.name
+    dataset = build_dataset(cfg.data, cfg.gradient, need=need, training=True, epoch=0, run_name=tracker_name,
+                            manifest=manifest)
+    info = RunInfo(name=cfg.train.name, run_uri=run_uri_override or run_uri(cfg), dataset_id=manifest.dataset_id,
+                   dataset_path=cfg.data.path, bad_rows_run_name=tracker_name, need=need,
+                   trainer_dataset_epoch=0)
+    return PreparedRun(cfg, manifest, dataset, info, hooks)
 
 
 def _train_fn(loop_config: dict[str, Any]) -> list[dict[str, Any]]:

@@ -1,7 +1,8 @@
 """``run_sweep``: the Tuner over the search space, its scheduler and search algorithm, and the outputs.
 
-Trials run concurrently up to ``tune.max_concurrent_trials`` (the trial driver claims 0.01 CPU;
-its TorchTrainer's workers and Ray Data claim the rest). ASHA stops trials on the online probe
+Trials run concurrently up to ``tune.max_concurrent_trials``; a one-worker trial trains in its own
+process (``train.cpus_per_worker`` CPUs; see ``trial.py``), a multi-worker one runs a TorchTrainer
+(its driver claims 0.01 CPU, its workers and Ray Data the rest). ASHA stops trials on the online probe
 (``tune.metric``, reported every ``probe.every`` steps), never on the JEPA loss: losses are not
 comparable across mask settings and a collapsing run has the lowest. Under ASHA a grid's points
 start in a seeded random order (``sweep_param_space``). ``tune.scheduler: hyperband`` halves
@@ -35,7 +36,7 @@ from sarjepa_dist.tune.halving import (ActiveTrials, GatedSearch, GatedVariants,
                                         require_state_api)
 from sarjepa_dist.tune.results import rank_rows, table_cells, format_text, trial_row, write_sweep_outputs
 from sarjepa_dist.tune.space import apply_point, check_search_alg, check_space, param_space, point_of, sweep_axes
-from sarjepa_dist.tune.trial import run_trial, trial_run_name, tune_withholds_credentials
+from sarjepa_dist.tune.trial import in_trial_process, run_trial, trial_run_uri, tune_withholds_credentials
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,10 @@ def check_sweep(cfg: Config) -> list:
                           f"probe.every = {cfg.probe.every}")
     if not cfg.data.path:
         raise ConfigError("data.path is empty: give the shard dataset the trials pretrain on (local path or s3://)")
+    if cfg.tune.trial_executor == "trial-process" and cfg.train.num_workers != 1:
+        raise ConfigError(f"tune.trial_executor = trial-process runs one worker in the trial's own process, but "
+                          f"train.num_workers = {cfg.train.num_workers}; set tune.trial_executor: torch-trainer "
+                          f"(or auto) for multi-worker trials")
     axes = sweep_axes(cfg.tune)
     check_space(axes, cfg)
     check_search_alg(axes, cfg.tune)
@@ -126,8 +131,7 @@ def _tuner(cfg: Config, axes: list, base_tree: dict[str, Any], step_hooks: Seque
     space = sweep_param_space(cfg, axes)
     trainable = tune.with_parameters(run_trial, sweep_name=cfg.tune.name, base=base_tree,
                                      step_hooks=list(step_hooks))
-    # The trial driver itself is light; its TorchTrainer workers and Ray Data claim the CPUs.
-    trainable = tune.with_resources(trainable, {"CPU": 0.01})
+    trainable = tune.with_resources(trainable, _trial_resources(cfg))
     experiment_path = f"{path}/{cfg.tune.name}"
     if tune.Tuner.can_restore(experiment_path, storage_filesystem=fs):
         log.info("resuming sweep %s from %s", cfg.tune.name, storage.redact(experiment_path))
@@ -143,9 +147,14 @@ def _tuner(cfg: Config, axes: list, base_tree: dict[str, Any], step_hooks: Seque
         tune_config=tune.TuneConfig(num_samples=tc.num_samples, max_concurrent_trials=limit,
                                     search_alg=_search_alg(cfg, active), scheduler=_scheduler(cfg, active),
                                     trial_dirname_creator=_trial_dirname,
-                                    metric=tc.metric, mode=tc.mode),
+                                    metric=tc.metric, mode=tc.mode,
+                                    # a finished trial's process (torch, timm and the loop imported)
+                                    # takes the next trial; all trials ask for the same resources
+                                    reuse_actors=in_trial_process(cfg)),
         run_config=tune.RunConfig(name=tc.name, storage_path=path, storage_filesystem=fs,
                                   failure_config=tune.FailureConfig(max_failures=tc.max_failures),
+                                  # in-process trials' checkpoints (a TorchTrainer's keep their own)
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
                                   # every result of every trial (the learning curves), even where
                                   # TUNE_DISABLE_AUTO_CALLBACK_LOGGERS turns Tune's own loggers off
                                   callbacks=[JsonLoggerCallback()]),
@@ -173,6 +182,13 @@ def sweep_param_space(cfg: Config, axes: list) -> dict[str, Any]:
     tc = cfg.tune
     seed = tc.seed if tc.seed is not None else zlib.crc32(tc.name.encode())
     return param_space(axes, shuffle_seed=seed, shuffle=tc.scheduler == "asha" and tc.grid_order == "shuffled")
+
+
+def _trial_resources(cfg: Config) -> dict[str, float]:
+    if in_trial_process(cfg):  # the trial is the one training worker
+        return {"CPU": float(cfg.train.cpus_per_worker), **({"GPU": 1.0} if cfg.train.use_gpu else {})}
+    # The trial driver itself is light; its TorchTrainer workers and Ray Data claim the CPUs.
+    return {"CPU": 0.01}
 
 
 def _trial_dirname(trial: Any) -> str:
@@ -213,6 +229,5 @@ def _row(res: Any, cfg: Config) -> dict[str, Any]:
     if not history and res.metrics:
         history = [res.metrics]
     error = None if res.error is None else (str(res.error).strip().splitlines() or ["error"])[-1][:300]
-    run = storage.join(cfg.train.storage_path, trial_run_name(cfg.tune.name, trial_id))
-    return trial_row(trial_id, run, point_of(res.config), history, error, cfg.tune.metric,
+    return trial_row(trial_id, trial_run_uri(cfg, trial_id), point_of(res.config), history, error, cfg.tune.metric,
                      cfg.train.steps, cfg.tune.scheduler)

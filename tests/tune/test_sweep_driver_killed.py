@@ -4,6 +4,7 @@ own checkpoint and does not run the finished one again."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -20,15 +21,15 @@ from sarjepa_dist.config import load_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.faults]
 
-SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's index of a trial's checkpoints
-
-
 def _checkpointed_trials(runs: Path, name: str) -> list[Path]:
-    return sorted(p.parent for p in runs.glob(f"{name}-*/{SNAPSHOT}"))
+    """The sweep's trial folders (one-worker trials train in the trial's process; Tune keeps their
+    checkpoints in <tune.storage_path>/<tune.name>/<trial id>/) holding a complete checkpoint."""
+    return sorted({p.parent.parent for p in runs.glob(f"{name}/*/checkpoint_*/meta.json")})
 
 
-def _checkpoints(trial: Path) -> list[str]:
-    return sorted(p.name for p in trial.glob("checkpoint_0*"))
+def _checkpoints(trial: Path) -> list[tuple[str, int]]:
+    """(folder, step) of each complete checkpoint of a trial."""
+    return sorted((p.parent.name, json.loads(p.read_text())["step"]) for p in trial.glob("checkpoint_*/meta.json"))
 
 
 @pytest.mark.timeout(600)
@@ -64,7 +65,7 @@ def test_a_sweep_whose_driver_is_killed_resumes_without_rerunning_finished_trial
         time.sleep(5)  # Ray's reaper takes the killed driver's local cluster down
     trials = _checkpointed_trials(runs, "killed")
     before = {t: _checkpoints(t) for t in trials}
-    [finished] = [t for t, names in before.items() if any(int(n.split("_")[1]) == 12 for n in names)]
+    [finished] = [t for t, saved in before.items() if any(step == 12 for _, step in saved)]
     [unfinished] = [t for t in trials if t != finished]
 
     started = time.monotonic()

@@ -32,3 +32,33 @@ def test_tune_does_not_copy_credentials_into_trial_actors(monkeypatch):
     # outside the sweep Tune's own behaviour is back (it would copy them)
     env = class_cache._ActorClassCache().get(Other)._default_options["runtime_env"]["env_vars"]
     assert env.get("AWS_SECRET_ACCESS_KEY") == "secret-AWS_SECRET_ACCESS_KEY"
+
+
+def test_a_one_worker_trial_trains_in_the_trial_process_and_keeps_its_checkpoints_in_its_tune_folder():
+    from sarjepa_dist.tune.trial import in_trial_process, trial_run_uri
+
+    one = config_from_dict({"tune": {"name": "s", "storage_path": "/sweeps"},
+                            "train": {"storage_path": "/runs"}})
+    assert in_trial_process(one)
+    assert trial_run_uri(one, "ab12_00001") == "/sweeps/s/ab12_00001"
+    two = config_from_dict({"tune": {"name": "s", "storage_path": "/sweeps"},
+                            "train": {"storage_path": "/runs", "num_workers": 2}})
+    assert not in_trial_process(two)
+    assert trial_run_uri(two, "ab12_00001") == "/runs/s-ab12_00001"
+    forced = config_from_dict({"tune": {"trial_executor": "torch-trainer"}})
+    assert not in_trial_process(forced)
+
+
+def test_a_trial_process_executor_with_several_workers_is_refused_naming_the_keys(tmp_path):
+    import pytest
+
+    from sarjepa_dist.config import ConfigError
+    from sarjepa_dist.tune.sweep import check_sweep
+
+    cfg = config_from_dict({"data": {"path": str(tmp_path)}, "probe": {"every": 4},
+                            "train": {"num_workers": 2},
+                            "tune": {"trial_executor": "trial-process", "search": {"train.seed": {"grid": [0, 1]}}}})
+    with pytest.raises(ConfigError, match="tune.trial_executor = trial-process .* train.num_workers = 2"):
+        check_sweep(cfg)
+    with pytest.raises(ConfigError, match="tune.trial_executor"):
+        config_from_dict({"tune": {"trial_executor": "threads"}})
