@@ -6,7 +6,9 @@ Project: the features of every chip of a shard dataset as ``sarjepa fewshot`` co
 encoder, pooling). Baseline: the same encoders over the same chips, already decoded, resized and
 conditioned into one tensor per input, in a bare ``torch.inference_mode()`` loop of
 ``encoder(x).mean(1)`` — plus ``encoder(flip(x))`` when the sources average the mirrored view
-(``fewshot.tta = hflip``, the default), so both sides run the same forward passes — on the same
+(``fewshot.tta = hflip``), and over ``crop_views``' six views of every chip, prepared before the
+clock, under ``hflip+crops`` (``sarjepa fewshot``'s default; the baselines get the views too), so
+both sides run the same forward passes — on the same
 number of threads (the Ray actor gets one CPU, hence one thread, on this machine). The hand-made
 baselines cost the bare loop a flatten or an 8×8 average pool of their ready-made inputs.
 
@@ -26,7 +28,7 @@ Two workloads:
   cost), ``--rounds`` pairs. Ray path only. ``--tta none`` halves the encoder work, which makes
   the fixed start-up weigh twice as much: the harder case for the ratio.
 
-    python benchmarks/bench_fewshot.py [--chips 1024] [--rounds 3] [--tta hflip|none] [--paths in_process,ray]
+    python benchmarks/bench_fewshot.py [--chips 1024] [--rounds 3] [--tta hflip|none|hflip+crops] [--paths in_process,ray]
     python benchmarks/bench_fewshot.py --issue --chips 2600 --rounds 1 --tta none
 """
 
@@ -57,7 +59,7 @@ from sarjepa_dist.data import shards  # noqa: E402
 from sarjepa_dist.fewshot.compute import GRADIENT_MAP_GRID, build_model  # noqa: E402
 from sarjepa_dist.fewshot.extract import extract_features, extract_local  # noqa: E402
 from sarjepa_dist.fewshot.sources import BASELINES, FeatureSource, baseline_source, encoder_source  # noqa: E402
-from sarjepa_dist.transforms import center_resize, prepare_inputs  # noqa: E402
+from sarjepa_dist.transforms import center_resize, crop_views, prepare_inputs  # noqa: E402
 
 GOAL_RATIO = 0.8
 # the Ray path as sarjepa runs it (reads as actor_plan says), and with read tasks forced
@@ -75,45 +77,50 @@ def bench_sources(encoders: int, baselines: bool, tta: str) -> list[FeatureSourc
     return sources + ([baseline_source(b, cfg(0)) for b in BASELINES] if baselines else [])
 
 
-def prepared_inputs(root: str, sources: Sequence[FeatureSource]) -> dict[tuple[str, str], torch.Tensor]:
-    """Every chip of ``root`` decoded, resized and conditioned: each source's input tensor, by
+def prepared_inputs(root: str, sources: Sequence[FeatureSource]) -> dict[tuple[str, str], list[torch.Tensor]]:
+    """Every chip of ``root`` decoded, resized and conditioned: each source's input tensor per
+    test-time view (``hflip+crops``: ``crop_views``' six; otherwise the one resized chip), by
     ``(conditioning, input)``."""
     chips = []
     for uri in shards.shard_uris(root):
         t = pq.read_table(uri, columns=["chip", "chip_shape", "chip_dtype"]).to_pydict()
         chips += [shards.decode_checked(c, s, d) for c, s, d in zip(t["chip"], t["chip_shape"], t["chip_dtype"])]
     raw = torch.from_numpy(np.stack(chips)).float()
-    out: dict[tuple[str, str], torch.Tensor] = {}
+    out: dict[tuple[str, str], list[torch.Tensor]] = {}
     for r in (s.recipe for s in sources):
         if (r.conditioning, r.input) not in out:
             data_cfg = DataConfig(img_size=r.img_size, channels=r.channels, conditioning=r.conditioning)
             grad = {**r.gradient, "radii": tuple(r.gradient["radii"])}
-            inputs = prepare_inputs(center_resize(raw, r.img_size), data_cfg, GradientConfig(**grad), need=(r.input,))
-            out[(r.conditioning, r.input)] = inputs[r.input].contiguous()
+            views = crop_views(raw, r.img_size) if r.tta == "hflip+crops" else [center_resize(raw, r.img_size)]
+            out[(r.conditioning, r.input)] = [
+                prepare_inputs(v, data_cfg, GradientConfig(**grad), need=(r.input,))[r.input].contiguous()
+                for v in views]
     return out
 
 
-def bare_loop(sources: Sequence[FeatureSource], inputs: dict[tuple[str, str], torch.Tensor],
+def bare_loop(sources: Sequence[FeatureSource], inputs: dict[tuple[str, str], list[torch.Tensor]],
               batch: int) -> Callable[[], float]:
-    """seconds() of the baseline: each source's features from its prepared inputs, nothing else."""
+    """seconds() of the baseline: each source's features from its prepared inputs, averaged over
+    its test-time views (and an encoder's mirror under hflip / hflip+crops), nothing else."""
     steps = []
     for src in sources:
-        x, r = inputs[(src.recipe.conditioning, src.recipe.input)], src.recipe
+        views, r = inputs[(src.recipe.conditioning, src.recipe.input)], src.recipe
         if r.kind == "encoder":
             model = build_model(r, src.state)
-            views = 2 if r.tta == "hflip" else 1
-            steps.append((x, lambda xb, m=model, v=views: [m(xb if i == 0 else xb.flip(-1)).mean(1) for i in range(v)]))
+            mirrors = 2 if r.tta in ("hflip", "hflip+crops") else 1
+            steps.append((views, lambda xb, m=model, v=mirrors: sum(m(xb if i == 0 else xb.flip(-1)).mean(1)
+                                                                     for i in range(v)) / v))
         elif r.pooling == "flatten":
-            steps.append((x, lambda xb: xb.flatten(1)))
+            steps.append((views, lambda xb: xb.flatten(1)))
         else:
-            steps.append((x, lambda xb: torch.nn.functional.adaptive_avg_pool2d(xb, GRADIENT_MAP_GRID).flatten(1)))
+            steps.append((views, lambda xb: torch.nn.functional.adaptive_avg_pool2d(xb, GRADIENT_MAP_GRID).flatten(1)))
 
     def run() -> float:
         t0 = time.perf_counter()
         with torch.inference_mode():
-            for x, step in steps:
-                for start in range(0, len(x), batch):
-                    step(x[start:start + batch])
+            for views, step in steps:
+                for start in range(0, len(views[0]), batch):
+                    sum(step(x[start:start + batch]) for x in views) / len(views)
         return time.perf_counter() - t0
     return run
 
@@ -193,7 +200,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--tta", default="hflip", choices=["none", "hflip"], help="fewshot.tta of the encoders")
+    ap.add_argument("--tta", default="hflip", choices=["none", "hflip", "hflip+crops"],
+                    help="fewshot.tta of the encoders (hflip+crops: of the baselines too, as sarjepa fewshot does)")
     ap.add_argument("--paths", default="in_process,ray",
                     help=f"default workload: which project paths, comma-separated, of {','.join(PATHS)} "
                          "(ray_read_tasks: Ray with read tasks instead of the actor reading its shards)")

@@ -7,7 +7,8 @@ functions, so the tests exercise the loop's own code path.
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+import threading
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import ray.data
@@ -19,7 +20,7 @@ from sarjepa_dist.config import DataConfig, GradientConfig
 from sarjepa_dist.data.badrows import BadDataError, BadRowTracker
 from sarjepa_dist.data.pipeline import build_dataset, local_shuffle_seed, split_for_consumers
 
-__all__ = ["BAD_CHECK_EVERY", "BAD_CHECK_MIN_SEEN", "epoch_shard", "iter_train_batches"]
+__all__ = ["BAD_CHECK_EVERY", "BAD_CHECK_MIN_SEEN", "EpochStream", "epoch_shard", "iter_train_batches"]
 
 BAD_CHECK_EVERY = 50  # batches between bad-fraction checks in iter_train_batches
 BAD_CHECK_MIN_SEEN = 1000  # rows seen before a mid-epoch check may stop the run
@@ -106,3 +107,49 @@ def iter_train_batches(dataset_shard: "ray.data.DataIterator", data_cfg: DataCon
             tracker.warn_new()
             raise
         tracker.warn_new(snap)
+
+
+_END = object()
+
+
+class EpochStream:
+    """An epoch's batches whose first one is fetched on a background thread from construction on.
+
+    Made while the previous epoch still trains, it overlaps the pipeline's start (Ray Data
+    launching its read tasks, the local shuffle buffer filling) with those last steps; Ray Data's
+    own ``prefetch_batches`` keeps the stream going after the first batch. Iterate it once, on one
+    thread; ``close()`` stops a stream that will not be consumed. An error on the thread is
+    raised where the first batch is asked for.
+    """
+
+    def __init__(self, make_batches: Callable[[], Iterable[dict[str, Any]]], name: str = "sarjepa-epoch-start"):
+        self._make = make_batches
+        self._batches: Iterator[dict[str, Any]] | None = None
+        self._first: Any = _END
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._fetch_first, name=name, daemon=True)
+        self._thread.start()
+
+    def _fetch_first(self) -> None:
+        try:
+            self._batches = iter(self._make())
+            self._first = next(self._batches, _END)
+        except BaseException as exc:  # re-raised on the consumer's thread
+            self._error = exc
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        if self._first is _END:
+            return
+        first, self._first = self._first, _END
+        yield first
+        assert self._batches is not None
+        yield from self._batches
+
+    def close(self) -> None:
+        self._thread.join()
+        close = getattr(self._batches, "close", None)
+        if close is not None:
+            close()

@@ -34,7 +34,7 @@ from sarjepa_dist.model.collapse import collapse_stats
 from sarjepa_dist.model.io import load_checkpoint_dir, save_checkpoint_dir
 from sarjepa_dist.optim import Schedules, build_optimizer
 from sarjepa_dist.train.history import HISTORY_FILE
-from sarjepa_dist.train.batches import epoch_shard, iter_train_batches
+from sarjepa_dist.train.batches import EpochStream, epoch_shard, iter_train_batches
 from sarjepa_dist.train.metrics import IntervalMeter, TensorBoardLogger, format_progress
 from sarjepa_dist.train.session import LoopSession, RayTrainSession
 
@@ -58,6 +58,7 @@ class RunInfo:
     dataset_id: str
     dataset_path: str
     bad_rows_run_name: str | None = None  # BadRowTracker name (None: no tracker)
+    epoch_rows: int = 0  # chips in the dataset (the manifest's count; 0: unknown)
     need: tuple[str, ...] = ("x", "gx")  # model inputs the pipeline computes
     trainer_dataset_epoch: int = 0  # the epoch the trainer's dataset (datasets={"train": ds}) was built for
 
@@ -221,6 +222,7 @@ class _Trainer:
         trainer_shard = self.session.first_dataset()
         self.meter = IntervalMeter()
         self.model.train()
+        upcoming: EpochStream | None = None  # the next epoch's stream, started during this one
         try:
             # Epochs until the step budget is spent; a resumed run starts in its saved epoch.
             for epoch in itertools.count(self.state.epoch):
@@ -231,20 +233,37 @@ class _Trainer:
                 # the epoch was seen, not which chips).
                 skip = self.state.batches_in_epoch if epoch == self.state.epoch else 0
                 self.state.epoch, self.state.batches_in_epoch = epoch, skip
-                batches = self._agreed_batches(self._epoch_shard(epoch, trainer_shard))
-                for fetched in itertools.islice(batches, skip, None):
+                stream, upcoming = upcoming or self._epoch_stream(epoch, trainer_shard), None
+                for fetched in itertools.islice(self._agreed_batches(stream), skip, None):
                     step_metrics, inputs, masks = self._step(fetched)
+                    if upcoming is None and self._run_outlasts_epoch():
+                        # every rank decides alike (the same step, the same counts): epoch_shard is a collective
+                        upcoming = self._epoch_stream(epoch + 1, trainer_shard)
                     self._run_hooks(fetched)
                     if self._report_due():
                         self._report(step_metrics, inputs, masks)
                     if self.state.step >= self.total:
                         break
         finally:
+            if upcoming is not None:
+                upcoming.close()
             if self.tb is not None:
                 self.tb.close()
         return self.history
 
     # ------------------------------------------------------------------ data
+
+    def _epoch_stream(self, epoch: int, trainer_shard: Any) -> EpochStream:
+        """This rank's batches of ``epoch``, the first one already on its way."""
+        shard = self._epoch_shard(epoch, trainer_shard)
+        return EpochStream(lambda: iter_train_batches(shard, self.cfg.data, epoch=epoch, device=self.device,
+                                                      rank=self.rank))
+
+    def _run_outlasts_epoch(self) -> bool:
+        """Whether steps remain after this epoch, by the dataset's chip count (unknown: no)."""
+        per_epoch = self.info.epoch_rows // (self.cfg.data.batch_size * self.world)
+        epoch_start = self.state.step - self.state.batches_in_epoch
+        return per_epoch > 0 and epoch_start + per_epoch < self.total
 
     def _epoch_shard(self, epoch: int, trainer_shard: Any) -> Any:
         """This rank's ``DataIterator`` for ``epoch``."""
@@ -256,10 +275,9 @@ class _Trainer:
                            need=self.info.need, run_name=self.info.bad_rows_run_name,
                            locality_hints=self.node_ids, group=self.coll.group)
 
-    def _agreed_batches(self, shard: Any) -> Iterator[_Fetched]:
+    def _agreed_batches(self, stream: EpochStream) -> Iterator[_Fetched]:
         """This rank's batches of one epoch, as long as every rank has one."""
-        batches = iter(iter_train_batches(shard, self.cfg.data, epoch=self.state.epoch, device=self.device,
-                                          rank=self.rank))
+        batches = iter(stream)
         got_any = False
         while True:
             started = time.perf_counter()

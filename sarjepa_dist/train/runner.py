@@ -151,7 +151,7 @@ def prepare_run(cfg: Config, step_hooks: Sequence[StepHook] = (), *, run_uri_ove
                             manifest=manifest)
     info = RunInfo(name=cfg.train.name, run_uri=run_uri_override or run_uri(cfg), dataset_id=manifest.dataset_id,
                    dataset_path=cfg.data.path, bad_rows_run_name=tracker_name, need=need,
-                   trainer_dataset_epoch=0)
+                   trainer_dataset_epoch=0, epoch_rows=manifest.num_chips)
     return PreparedRun(cfg, manifest, dataset, info, hooks)
 
 

@@ -213,3 +213,22 @@ def test_failed_worker_restarts_from_checkpoint(train_ray, dataset, tmp_path):
     assert_finite_losses(history)
     state = read_json(storage.join(result.latest_checkpoint_uri, "state.json"))
     assert state["step"] == 8
+
+
+def test_epochs_started_ahead_deliver_every_epoch_whole_and_in_order(train_ray, tmp_path):
+    """Each next epoch's stream starts during the one before (train/batches.EpochStream): every
+    epoch still delivers its own chips, each once, and the steps' epochs never interleave."""
+    from sarjepa_dist.train.runner import run_pretrain
+
+    root = str(tmp_path / "chips")
+    write_chip_dataset(root, num_classes=2, per_class=24, num_bad=0)  # 48 chips: 6 steps an epoch
+    records = tmp_path / "records"
+    records.mkdir()
+    cfg = tiny_config(root, str(tmp_path / "runs"), "epochs-ahead", train={"steps": 15, "checkpoint_every": 15})
+    result = run_pretrain(cfg, step_hooks=[RecordChips(str(records))])
+    assert result.final_step == 15
+    rows = read_records(str(records))
+    assert [r["epoch"] for r in rows] == [0] * 6 + [1] * 6 + [2] * 3
+    for epoch in (0, 1):
+        chips = [c for r in rows if r["epoch"] == epoch for c in r["chips"]]
+        assert len(chips) == len(set(chips)) == 48, epoch

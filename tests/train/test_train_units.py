@@ -134,3 +134,48 @@ def test_export_of_missing_checkpoint_names_it(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="checkpoint"):
         export_checkpoint(str(tmp_path / "nope"), str(tmp_path / "out"))
+
+
+def test_an_epoch_stream_fetches_its_first_batch_before_it_is_iterated():
+    import threading
+
+    from sarjepa_dist.train.batches import EpochStream
+
+    asked = threading.Event()
+
+    def batches():
+        asked.set()
+        yield from ({"i": i} for i in range(3))
+
+    stream = EpochStream(batches)
+    assert asked.wait(5), "the stream did not start on its own thread"
+    assert [b["i"] for b in stream] == [0, 1, 2]
+    assert list(EpochStream(lambda: iter(()))) == []
+
+
+def test_an_epoch_stream_raises_its_error_where_the_first_batch_is_asked_for():
+    from sarjepa_dist.train.batches import EpochStream
+
+    def broken():
+        raise OSError("shard unreadable")
+        yield  # pragma: no cover
+
+    stream = EpochStream(broken)
+    with pytest.raises(OSError, match="shard unreadable"):
+        next(iter(stream))
+
+
+def test_closing_an_unconsumed_epoch_stream_closes_its_batches():
+    from sarjepa_dist.train.batches import EpochStream
+
+    closed = []
+
+    def batches():
+        try:
+            yield from ({"i": i} for i in range(100))
+        finally:
+            closed.append(True)
+
+    stream = EpochStream(batches)
+    stream.close()
+    assert closed == [True]
