@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Iterator, Sequence
 
+import ray
 import torch
 from ray import tune
 from ray.tune.execution import class_cache
@@ -86,8 +87,6 @@ class TrialSession:
         self.device = device
 
     def node_id(self) -> str:
-        import ray
-
         return ray.get_runtime_context().get_node_id()
 
     def restored_checkpoint(self) -> tune.Checkpoint | None:
