@@ -28,13 +28,16 @@ from sarjepa_dist.transforms import check_input_keys, prepare_inputs
 
 @dataclass
 class StepMetrics:
-    """What one step reports; ``loss`` and ``grad_norm`` stay on the device until ``to_dict``."""
+    """What one step reports; ``loss`` and ``grad_norm`` stay on the device until ``to_dict``.
+    ``outputs``: the step's own ``target`` and ``pred`` embeddings of its first chips (detached,
+    pre-update weights), when the caller asked for them with ``keep_outputs``."""
 
     loss: torch.Tensor
     grad_norm: torch.Tensor
     lr: float
     wd: float
     tau: float
+    outputs: dict[str, torch.Tensor] | None = None
 
     def to_dict(self) -> dict[str, float]:
         return {"loss": float(self.loss), "grad_norm": float(self.grad_norm),
@@ -64,10 +67,13 @@ def _grad_norm(params: list[torch.Tensor], grad_clip: float) -> torch.Tensor:
 
 def train_step(model: SarJEPA, optimizer: torch.optim.Optimizer, schedules: Schedules,
                inputs: dict[str, torch.Tensor], masks: MaskBatch, step: int, *, grad_clip: float,
-               autocast_dtype: torch.dtype | None = None, ddp_model: nn.Module | None = None) -> StepMetrics:
+               autocast_dtype: torch.dtype | None = None, ddp_model: nn.Module | None = None,
+               keep_outputs: int = 0) -> StepMetrics:
     """One optimiser step at ``step`` (0-based). ``model`` is the unwrapped SarJEPA (for EMA);
     ``ddp_model`` (a DDP and/or compiled wrapper of it), when given, runs the forward so that
-    gradients are all-reduced. Inputs and masks must already be on the model's device."""
+    gradients are all-reduced. Inputs and masks must already be on the model's device.
+    ``keep_outputs`` > 0 returns the forward's ``target`` and ``pred`` of that many chips, so that a
+    report's collapse figures need no forward of their own."""
     lr, wd = schedules.apply(optimizer, step)
     tau = schedules.ema(step)
     net = ddp_model if ddp_model is not None else model
@@ -82,7 +88,8 @@ def train_step(model: SarJEPA, optimizer: torch.optim.Optimizer, schedules: Sche
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     model.ema_update(tau)
-    return StepMetrics(loss=loss.detach(), grad_norm=grad_norm.detach(), lr=lr, wd=wd, tau=tau)
+    kept = {k: out[k][:keep_outputs].detach() for k in ("target", "pred")} if keep_outputs > 0 else None
+    return StepMetrics(loss=loss.detach(), grad_norm=grad_norm.detach(), lr=lr, wd=wd, tau=tau, outputs=kept)
 
 
 def make_inputs_on_device(batch: dict[str, Any], data_cfg: DataConfig, gradient_cfg: GradientConfig,

@@ -64,6 +64,22 @@ def test_train_step_updates_params_ema_and_reports():
     assert set(d) == {"loss", "grad_norm", "lr", "wd", "tau"} and d["grad_norm"] > 0
 
 
+def test_train_step_keeps_its_own_outputs_of_the_first_chips():
+    cfg = _cfg()
+    model, inputs, masks = _setup(cfg)
+    opt = build_optimizer(model, cfg.optim)
+    sub = {k: v[:2] for k, v in inputs.items()}
+    with torch.no_grad():  # the same weights the step's forward sees, before its update
+        expected = model.eval()(sub, type(masks)(masks.context[:2], masks.targets[:2]))
+    model.train()
+    m = train_step(model, opt, Schedules(cfg.optim, 10), inputs, masks, 0, grad_clip=1.0, keep_outputs=2)
+    assert set(m.outputs) == {"target", "pred"}
+    for key in ("target", "pred"):
+        assert m.outputs[key].shape[0] == 2 and not m.outputs[key].requires_grad
+        torch.testing.assert_close(m.outputs[key], expected[key], rtol=1e-5, atol=1e-5)
+    assert train_step(model, opt, Schedules(cfg.optim, 10), inputs, masks, 1, grad_clip=1.0).outputs is None
+
+
 def _grad_norm_seen_by_optimizer(opt) -> list[float]:
     """Wrap ``opt.step`` to record the global L2 norm of the gradients it is about to apply."""
     seen: list[float] = []

@@ -72,16 +72,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-import torch
 
 from sarjepa_dist import storage
 from sarjepa_dist.config import ConfigError, DataConfig, GradientConfig
 from sarjepa_dist.data import shards
 from sarjepa_dist.data.badrows import BadDataError, BadRowTracker, BadRowWarning
-from sarjepa_dist.transforms import augment_batch, center_resize, prepare_inputs
 
-if TYPE_CHECKING:  # ray is imported lazily so that importing this module stays cheap
+# ray and torch are imported where they are used: the processes that only unpickle a dataset
+# holding this module's functions (Ray Data's coordinators, the driver) never import torch.
+if TYPE_CHECKING:
     import ray.data
+    import torch
 
 __all__ = [
     "BadDataError", "BadRowTracker", "BadRowWarning", "NEED_KEYS", "build_dataset", "chip_seed",
@@ -138,6 +139,10 @@ def transform_chip(chip: np.ndarray, data_cfg: DataConfig, *, training: bool, ep
     Evaluation: centre crop-and-resize, no randomness. This is the reference the pipeline must
     match; call it to see what a chip looked like in a given epoch.
     """
+    import torch
+
+    from sarjepa_dist.transforms import augment_batch, center_resize
+
     x = torch.from_numpy(np.array(chip, dtype=np.float32, copy=True))[None]
     if training:
         aug = data_cfg.augment
@@ -169,6 +174,8 @@ def _dry_run(spec: _Spec) -> None:
     """Push one synthetic chip through the transforms on the driver, so that a configuration the
     transforms reject (e.g. gradient radii too large for img_size) fails here, with its message,
     instead of inside a Ray Data worker (data placement) or the first train step (device)."""
+    from sarjepa_dist.transforms import prepare_inputs
+
     c, h, w = spec.expected_shape
     chip = np.ones((c, h, w), dtype=np.float32)
     amp = transform_chip(chip, spec.data_cfg, training=spec.training, epoch=spec.epoch, chip_id="dry-run")
@@ -177,6 +184,10 @@ def _dry_run(spec: _Spec) -> None:
 
 def _empty_like_outputs(spec: _Spec) -> dict[str, np.ndarray]:
     """Zero-row outputs with the right trailing shapes (a batch whose rows were all bad)."""
+    import torch
+
+    from sarjepa_dist.transforms import prepare_inputs
+
     c, s = spec.expected_shape[0], spec.data_cfg.img_size
     dummy = torch.ones((1, c, s, s), dtype=torch.float32)
     if spec.data_cfg.transform_placement == "device":
@@ -339,6 +350,10 @@ def _unreadable_detail(filesystem: pafs.FileSystem, uri: str, path: str, exc: Ex
 
 def _process_batch(batch: pa.Table, *, spec: _Spec) -> dict[str, np.ndarray]:
     """decode → crop/augment → (condition → ∇x), for one Ray Data batch of validated shard rows."""
+    import torch
+
+    from sarjepa_dist.transforms import prepare_inputs
+
     ids = batch.column("chip_id").to_pylist()
     datas = _binary_views(batch.column("chip"))
     shapes = batch.column("chip_shape").to_pylist()

@@ -166,6 +166,23 @@ class _Trainer:
         self.session = session
         self.rank, self.world, self.device = session.rank, session.world_size, session.device
         self.total = self.cfg.train.steps
+        # A fresh run starts in the trainer's dataset: its stream starts now, so that Ray Data's
+        # coordinator and first read tasks (seconds to start on a small machine) start while the
+        # model is built. A resumed run starts its epoch in ``run``.
+        self.trainer_shard = session.first_dataset()
+        self.first_stream: EpochStream | None = None
+        if (self.trainer_shard is not None and self.info.trainer_dataset_epoch == 0
+                and session.restored_checkpoint() is None):
+            self.first_stream = self._epoch_stream(0, self.trainer_shard)
+        try:
+            self._set_up()
+        except BaseException:
+            if self.first_stream is not None:
+                self.first_stream.close()
+            raise
+
+    def _set_up(self) -> None:
+        session = self.session
         self.coll = _Collectives(self.world)
         # Node of every rank: locality hints when this loop splits a later epoch's dataset.
         self.node_ids: list[str] = self.coll.gather(session.node_id())
@@ -219,10 +236,11 @@ class _Trainer:
     def run(self) -> list[dict[str, Any]]:
         # The epoch the driver built the trainer's dataset for streams from Ray Train's split of it
         # (datasets={"train": ds}, split with equal=True like every later epoch).
-        trainer_shard = self.session.first_dataset()
+        trainer_shard = self.trainer_shard
         self.meter = IntervalMeter()
         self.model.train()
-        upcoming: EpochStream | None = None  # the next epoch's stream, started during this one
+        # the next epoch's stream, started during the epoch before (the first one: in __init__)
+        upcoming, self.first_stream = self.first_stream, None
         try:
             # Epochs until the step budget is spent; a resumed run starts in its saved epoch.
             for epoch in itertools.count(self.state.epoch):
@@ -307,7 +325,7 @@ class _Trainer:
         masks = self.sampler.sample(_batch_size(inputs), gen).to(self.device)
         step_metrics = train_step(self.model, self.optimizer, self.schedules, inputs, masks, self.state.step,
                                   grad_clip=cfg.optim.grad_clip, autocast_dtype=self.autocast,
-                                  ddp_model=self.forward_net)
+                                  ddp_model=self.forward_net, keep_outputs=self._outputs_to_keep())
         self.state.step += 1
         self.state.batches_in_epoch += 1
         self.state.chips_seen += fetched.global_chips
@@ -324,12 +342,21 @@ class _Trainer:
 
     # ------------------------------------------------------------------ reports and checkpoints
 
-    def _checkpoint_due(self) -> bool:
-        step = self.state.step
+    def _checkpoint_due(self, step: int | None = None) -> bool:
+        step = self.state.step if step is None else step
         return step % self.cfg.train.checkpoint_every == 0 or step >= self.total
 
-    def _report_due(self) -> bool:
-        return self.state.step % self.cfg.train.log_every == 0 or self._checkpoint_due()
+    def _report_due(self, step: int | None = None) -> bool:
+        step = self.state.step if step is None else step
+        return step % self.cfg.train.log_every == 0 or self._checkpoint_due(step)
+
+    def _outputs_to_keep(self) -> int:
+        """Chips whose step outputs the next report's collapse figures reuse (0: none). Without
+        drop-path the training forward is the eval forward, so a report step's own embeddings serve
+        and a report costs no extra forward; with drop-path the report runs an eval forward."""
+        if self.rank != 0 or self.cfg.model.drop_path > 0 or not self._report_due(self.state.step + 1):
+            return 0
+        return COLLAPSE_SUBSAMPLE
 
     def _report(self, step_metrics: StepMetrics, inputs: dict[str, torch.Tensor], masks: MaskBatch) -> None:
         checkpoint_due = self._checkpoint_due()
@@ -364,7 +391,7 @@ class _Trainer:
         if checkpoint_due:
             metrics.update(self._replica_metrics())
         if self.rank == 0:  # rank 0's own figures (only its report reaches Ray's results)
-            metrics.update(self._collapse(inputs, masks))
+            metrics.update(self._collapse(step_metrics, inputs, masks))
             metrics.update(self._bad_row_metrics())
         metrics.update(self.hook_metrics)
         self.hook_metrics = {}
@@ -405,19 +432,23 @@ class _Trainer:
                 "worker_nodes": list(self.node_ids)}
 
     @torch.no_grad()
-    def _collapse(self, inputs: dict[str, torch.Tensor], masks: MaskBatch) -> dict[str, float]:
-        """std / effective rank of target and predicted embeddings on a few chips (eval mode: no drop-path)."""
-        n = min(COLLAPSE_SUBSAMPLE, _batch_size(inputs))
-        sub = {k: v[:n] for k, v in inputs.items()}
-        sub_masks = MaskBatch(masks.context[:n], masks.targets[:n])
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            ctx = torch.autocast(self.device.type, dtype=self.autocast) if self.autocast else nullcontext()
-            with ctx:
-                out = self.model(sub, sub_masks)
-        finally:
-            self.model.train(was_training)
+    def _collapse(self, step_metrics: StepMetrics, inputs: dict[str, torch.Tensor],
+                  masks: MaskBatch) -> dict[str, float]:
+        """std / effective rank of target and predicted embeddings on a few chips of the last batch:
+        the step's own (``_outputs_to_keep``) or, with drop-path, an eval-mode forward."""
+        out = step_metrics.outputs
+        if out is None:
+            n = min(COLLAPSE_SUBSAMPLE, _batch_size(inputs))
+            sub = {k: v[:n] for k, v in inputs.items()}
+            sub_masks = MaskBatch(masks.context[:n], masks.targets[:n])
+            was_training = self.model.training
+            self.model.eval()
+            try:
+                ctx = torch.autocast(self.device.type, dtype=self.autocast) if self.autocast else nullcontext()
+                with ctx:
+                    out = self.model(sub, sub_masks)
+            finally:
+                self.model.train(was_training)
         tgt, pred = collapse_stats(out["target"]), collapse_stats(out["pred"])
         return {"std_target": tgt["std"], "eff_rank_target": tgt["effective_rank"],
                 "std_pred": pred["std"], "eff_rank_pred": pred["effective_rank"]}

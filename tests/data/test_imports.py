@@ -25,3 +25,20 @@ def test_importing_the_data_layer_leaves_ray_out(module):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, f"importing {module} imported Ray: {proc.stdout.strip()} {proc.stderr[-2000:]}"
+
+
+def test_the_pipeline_module_leaves_torch_out_until_a_chip_is_transformed():
+    """Ray Data's coordinators unpickle the dataset (this module's functions and the spec) and
+    never transform a chip: importing the module must not import torch (seconds per process)."""
+    code = ("import sys\n"
+            "from sarjepa_dist.data import pipeline\n"
+            "before = 'torch' in sys.modules\n"
+            "import numpy as np\n"
+            "from sarjepa_dist.config import DataConfig\n"
+            "pipeline.transform_chip(np.ones((1, 8, 8), np.float32), DataConfig(img_size=8), training=False, "
+            "epoch=0, chip_id='a')\n"
+            "print(before, 'torch' in sys.modules)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["False", "True"], proc.stdout
