@@ -64,6 +64,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
@@ -463,6 +464,31 @@ def shards_per_read_task(rows: Sequence[int], cpus: float) -> int:
     by_rows = int(READ_TASK_ROWS // mean_rows)
     by_parallelism = len(rows) // max(1, int(READ_TASKS_PER_CPU * max(1.0, cpus)))
     return max(1, min(by_rows, by_parallelism))
+
+
+def _import_pipeline() -> int:
+    from sarjepa_dist.transforms import prepare_inputs  # noqa: F401  (torch with it)
+
+    return os.getpid()
+
+
+def read_workers_to_warm(cluster_cpus: float, reserved_cpus: float, most: int = 8) -> int:
+    """One per whole CPU left beside ``reserved_cpus``, at least 1, at most ``most``."""
+    return min(most, max(1, int(cluster_cpus - reserved_cpus)))
+
+
+def warm_read_workers(reserved_cpus: float, env_vars: dict[str, str] | None = None, most: int = 8) -> list[Any]:
+    """Start a Ray task worker per CPU the trainer leaves free (the cluster's CPUs less
+    ``reserved_cpus``; at least 1, at most ``most``), each importing the transforms (torch with
+    them: seconds on a small machine) now, while Ray Train's controller and workers start, so that
+    the first epoch's read tasks find warm workers. Ray reuses a worker only for tasks of the same
+    runtime environment: ``env_vars`` are those the tasks will run with. Fire and forget (the refs
+    are returned for tests); ``num_cpus=0``, so they never delay the trainer."""
+    import ray
+
+    count = read_workers_to_warm(_cluster_cpus(), reserved_cpus, most)
+    task = ray.remote(num_cpus=0, max_retries=0, runtime_env={"env_vars": dict(env_vars or {})})(_import_pipeline)
+    return [task.remote() for _ in range(count)]
 
 
 def _cluster_cpus() -> float:

@@ -48,7 +48,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from sarjepa_dist import storage
 from sarjepa_dist.config import Config, ConfigError, with_absolute_paths
 from sarjepa_dist.cluster import quiet_train_worker_console, ray_init, ray_train_log_level, worker_env
-from sarjepa_dist.data.pipeline import build_dataset, ingest_options
+from sarjepa_dist.data.pipeline import build_dataset, ingest_options, warm_read_workers
 from sarjepa_dist.data.shards import read_manifest
 from sarjepa_dist.model.jepa import required_inputs
 from sarjepa_dist.train.loop import RunInfo, StepHook, train_loop_per_worker
@@ -91,6 +91,7 @@ def run_pretrain(cfg: Config, *, callbacks: Sequence[Any] | None = None,
     run = prepare_run(cfg, step_hooks)
     cfg, manifest, info = run.cfg, run.manifest, run.info
     uri = info.run_uri
+    warm_read_workers(cfg.train.num_workers * cfg.train.cpus_per_worker, env_vars=_train_controller_env())
     trainer = TorchTrainer(
         _train_fn,
         train_loop_config=run.loop_config(),
@@ -153,6 +154,21 @@ def prepare_run(cfg: Config, step_hooks: Sequence[StepHook] = (), *, run_uri_ove
                    dataset_path=cfg.data.path, bad_rows_run_name=tracker_name, need=need,
                    trainer_dataset_epoch=0, epoch_rows=manifest.num_chips)
     return PreparedRun(cfg, manifest, dataset, info, hooks)
+
+
+def _train_controller_env() -> dict[str, str]:
+    """The env_vars Ray Train V2 gives its controller actor, whose runtime environment the
+    trainer's Ray Data tasks inherit (what ``TorchTrainer.fit`` sets; empty if Ray moved it)."""
+    try:
+        from ray._common.constants import RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR
+        from ray.train.v2._internal.constants import (
+            DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE, get_env_vars_to_propagate,
+        )
+    except ImportError:
+        return {}
+    env = get_env_vars_to_propagate()
+    env.setdefault(RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR, DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE)
+    return env
 
 
 def _train_fn(loop_config: dict[str, Any]) -> list[dict[str, Any]]:

@@ -279,6 +279,30 @@ def test_shards_per_read_task():
     assert shards_per_read_task([10] * 4, 4) == 1  # the tests' small datasets: one task per file
 
 
+def test_read_workers_to_warm_fill_the_cpus_the_trainer_leaves():
+    from sarjepa_dist.data.pipeline import read_workers_to_warm
+
+    assert read_workers_to_warm(4, 1) == 3
+    assert read_workers_to_warm(4, 2.5) == 1
+    assert read_workers_to_warm(2, 2) == 1  # a data task still needs a worker
+    assert read_workers_to_warm(64, 8) == 8 and read_workers_to_warm(64, 8, most=4) == 4
+
+
+def test_warm_read_workers_import_the_transforms_in_the_given_environment(ray_local):
+    import ray
+
+    from sarjepa_dist.data.pipeline import warm_read_workers
+    from sarjepa_dist.train.runner import _train_controller_env
+
+    env = _train_controller_env()
+    # what TorchTrainer.fit gives its controller (and so the trainer's Ray Data tasks): if Ray
+    # moves it, the warm workers land in another pool, and this says so
+    assert "RAY_WARN_BLOCKING_GET_INSIDE_ASYNC" in env, env
+    refs = warm_read_workers(reserved_cpus=3.0, env_vars=env)  # 4 CPUs in ray_local
+    assert len(refs) == 1
+    assert isinstance(ray.get(refs[0], timeout=120), int)
+
+
 def test_seeds_and_file_order_are_stable():
     assert stable_seed("a", 1) == stable_seed("a", 1) != stable_seed("a", 2)
     assert chip_seed(0, 0, "c1") != chip_seed(0, 1, "c1") != chip_seed(1, 0, "c1")
