@@ -19,8 +19,13 @@ pipeline start. The train step runs on ``--threads`` torch threads on both sides
   in this process, over batches the pipeline's own functions (``_read_one_shard`` +
   ``_process_in_pieces``, epoch by epoch) prepared before the clock starts: the step alone, what
   a perfect input path would leave.
+- **DataLoader-fed**: the same plain loop fed by a torch ``DataLoader`` whose one worker process
+  streams the same functions from the shards while the loop trains (per-epoch file order, a local
+  shuffle pool of ``data.shuffle_buffer`` rows, as Ray Data's path does; the clock starts at the
+  first batch request, as on the Ray side): what any input path running beside the step costs on
+  these cores, so that Ray's own share is the Ray side over this one.
 
-Rounds alternate the sides (bare, Ray, bare, Ray, ...); the ratio is Ray's whole-run chips/s over
+Rounds alternate the sides (bare, DataLoader-fed, Ray, bare, ...); the ratio is Ray's whole-run chips/s over
 the bare loop's, per round and of the medians. To say where Ray's share goes, the Ray side is also
 given after its first interval (the run's very first pipeline start left out; later epochs start
 during the epoch before, ``train/batches.EpochStream``) and computing only (its waits left out:
@@ -39,7 +44,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+import torch.utils.data as tud
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
@@ -59,61 +66,127 @@ def make_config(data: str, runs: str, name: str, args: argparse.Namespace) -> An
     })
 
 
-def bare_batches(cfg: Any, steps: int) -> list[dict[str, Any]]:
-    """``steps`` batches as the pipeline's functions make them, epoch after epoch (untimed)."""
+def _epoch_parts(cfg: Any, epoch: int) -> Iterator[dict[str, Any]]:
+    """One epoch's processed rows, shard by shard in the epoch's file order, from the pipeline's
+    own functions (``_read_one_shard`` + ``_process_in_pieces``)."""
     import numpy as np
     import pyarrow.fs as pafs
 
     from sarjepa_dist.data import shards
-    from sarjepa_dist.data.pipeline import _process_in_pieces, _read_one_shard, _Spec
+    from sarjepa_dist.data.pipeline import _process_in_pieces, _read_one_shard, _Spec, file_shuffle_seed
     from sarjepa_dist.model.jepa import required_inputs
-    from sarjepa_dist.train.batches import _to_torch
 
     manifest = shards.read_manifest(cfg.data.path)
     fs = pafs.LocalFileSystem()
-    need = required_inputs(cfg.model)
-    bs = cfg.data.batch_size
-    batches: list[dict[str, Any]] = []
-    epoch = 0
-    while len(batches) < steps:
-        spec = _Spec(data_cfg=cfg.data, gradient_cfg=cfg.gradient, need=need, training=True, epoch=epoch,
-                     expected_shape=tuple(int(s) for s in manifest.chip_shape), shard_prefix="")
-        parts = [out for s in manifest.shards
-                 for block in _read_one_shard(str(Path(cfg.data.path) / s.path), s.rows, spec=spec,
-                                              filesystem=fs, tracker=None)
-                 for out in _process_in_pieces(block, spec=spec)]
-        rows = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        order = np.random.default_rng(epoch).permutation(len(rows["label"]))
-        for i in range(0, len(order) - bs + 1, bs):
-            idx = order[i:i + bs]
-            batches.append(_to_torch({k: v[idx] for k, v in rows.items()}, "cpu"))
+    spec = _Spec(data_cfg=cfg.data, gradient_cfg=cfg.gradient, need=required_inputs(cfg.model), training=True,
+                 epoch=epoch, expected_shape=tuple(int(s) for s in manifest.chip_shape), shard_prefix="")
+    order = np.random.default_rng(file_shuffle_seed(cfg.data.seed, epoch)).permutation(len(manifest.shards))
+    for i in order:
+        s = manifest.shards[i]
+        for block in _read_one_shard(str(Path(cfg.data.path) / s.path), s.rows, spec=spec, filesystem=fs,
+                                     tracker=None):
+            yield from _process_in_pieces(block, spec=spec)
+
+
+def _take(rows: dict[str, Any], idx: Any) -> dict[str, Any]:
+    return {k: v[idx] for k, v in rows.items()}
+
+
+def stream_batches(cfg: Any, steps: int) -> Iterator[dict[str, Any]]:
+    """``steps`` batches of numpy rows, epoch after epoch, streamed as Ray Data's path does: shards
+    processed one at a time into a local shuffle pool of ``data.shuffle_buffer`` rows, batches
+    drawn from it, the epoch's last partial batch dropped."""
+    import numpy as np
+
+    bs, buffer = cfg.data.batch_size, cfg.data.shuffle_buffer
+    made, epoch = 0, 0
+    while made < steps:
+        rng = np.random.default_rng(epoch)
+        pool: dict[str, Any] | None = None
+        for part in _epoch_parts(cfg, epoch):
+            pool = part if pool is None else {k: np.concatenate([pool[k], part[k]]) for k in pool}
+            n = len(pool["label"])
+            while n >= buffer + bs and made < steps:
+                pick = rng.choice(n, bs, replace=False)
+                yield _take(pool, pick)
+                made += 1
+                keep = np.ones(n, dtype=bool)
+                keep[pick] = False
+                pool, n = _take(pool, keep), n - bs
+        if pool is not None:
+            rest = rng.permutation(len(pool["label"]))
+            for i in range(0, len(rest) - bs + 1, bs):
+                if made >= steps:
+                    break
+                yield _take(pool, rest[i:i + bs])
+                made += 1
         epoch += 1
-    return batches[:steps]
 
 
-def run_bare(cfg: Any, batches: list[dict[str, Any]]) -> dict[str, Any]:
+def bare_batches(cfg: Any, steps: int) -> list[dict[str, Any]]:
+    """``steps`` batches as tensors, made before the clock starts (the bare side)."""
+    from sarjepa_dist.train.batches import _to_torch
+
+    return [_to_torch(b, "cpu") for b in stream_batches(cfg, steps)]
+
+
+class _LoaderStream(tud.IterableDataset):
+    """``stream_batches`` as a torch IterableDataset (one DataLoader worker runs it)."""
+
+    def __init__(self, cfg: Any, steps: int):
+        self.cfg, self.steps = cfg, steps
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return stream_batches(self.cfg, self.steps)
+
+
+def _as_is(batch: Any) -> Any:
+    return batch
+
+
+def run_bare(cfg: Any, batches: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """The same step in a plain loop: over ``batches`` made before the clock, or (None) fed by a
+    torch DataLoader whose one worker process streams them from the shards while the loop trains
+    (the clock then starts at the first batch request, as on the Ray side)."""
     import torch
 
     from sarjepa_dist.engine import build_method, make_inputs_on_device, train_step
     from sarjepa_dist.masks import mask_generator
     from sarjepa_dist.model.jepa import required_inputs
     from sarjepa_dist.optim import Schedules, build_optimizer
+    from sarjepa_dist.train.batches import _to_torch
 
+    steps = cfg.train.steps
     torch.manual_seed(cfg.train.seed)
     model, sampler = build_method(cfg)
     optimizer = build_optimizer(model, cfg.optim)
-    schedules = Schedules(cfg.optim, cfg.train.steps, lr_scale=cfg.optim.scale_for(cfg.data.batch_size))
+    schedules = Schedules(cfg.optim, steps, lr_scale=cfg.optim.scale_for(cfg.data.batch_size))
     need = required_inputs(cfg.model)
     model.train()
+    if batches is None:
+        stream = _LoaderStream(cfg, steps)
+        loader = tud.DataLoader(stream, batch_size=None, num_workers=1, collate_fn=_as_is, prefetch_factor=4)
+        source: Iterator[dict[str, Any]] = (_to_torch(b, "cpu") for b in loader)
+    else:
+        source = iter(batches)
     t0 = time.perf_counter()
+    wait = 0.0
     loss = None
-    for step, batch in enumerate(batches):
+    done = 0
+    for step in range(steps):
+        t = time.perf_counter()
+        batch = next(source, None)
+        wait += time.perf_counter() - t
+        if batch is None:
+            break
         inputs = make_inputs_on_device(batch, cfg.data, cfg.gradient, need, "cpu")
         masks = sampler.sample(len(batch["chip_id"]), mask_generator(cfg.train.seed, 0, step))
         loss = train_step(model, optimizer, schedules, inputs, masks, step, grad_clip=cfg.optim.grad_clip).loss
+        done += 1
     wall = time.perf_counter() - t0
-    chips = len(batches) * cfg.data.batch_size
-    return {"steps": len(batches), "wall_s": round(wall, 2), "chips_per_s": round(chips / wall, 2),
+    chips = done * cfg.data.batch_size
+    return {"steps": done, "wall_s": round(wall, 2), "chips_per_s": round(chips / wall, 2),
+            "data_wait_fraction": round(wait / wall, 4),
             "final_loss": float(loss) if loss is not None else None}
 
 
@@ -181,12 +254,16 @@ def main(argv: list[str] | None = None) -> int:
                 batches = bare_batches(cfg, args.steps)
                 bare = run_bare(cfg, batches)
                 del batches
+                loader = run_bare(cfg, None)
                 on_ray = run_ray(cfg)
                 ratio = on_ray["chips_per_s"] / bare["chips_per_s"]
-                rounds.append({"bare": bare, "ray": on_ray, "ratio": round(ratio, 3),
+                rounds.append({"bare": bare, "loader": loader, "ray": on_ray, "ratio": round(ratio, 3),
+                               "ratio_vs_loader": round(on_ray["chips_per_s"] / loader["chips_per_s"], 3),
+                               "loader_ratio": round(loader["chips_per_s"] / bare["chips_per_s"], 3),
                                "load_avg": os.getloadavg()})
                 after = on_ray["after_first_interval"]
-                print(f"round {r + 1}: bare {bare['chips_per_s']:.1f} chips/s | Ray whole run "
+                print(f"round {r + 1}: bare {bare['chips_per_s']:.1f} chips/s | DataLoader-fed "
+                      f"{loader['chips_per_s']:.1f} chips/s (data wait {100 * loader['data_wait_fraction']:.2f}%) | Ray whole run "
                       f"{on_ray['chips_per_s']:.1f} chips/s (data wait {100 * on_ray['data_wait_fraction']:.2f}%, "
                       f"{100 * after['data_wait_fraction']:.2f}% after the first interval; computing "
                       f"{on_ray['chips_per_s_computing']:.1f} chips/s; {on_ray['epochs']} epochs; fit incl. "
@@ -194,9 +271,16 @@ def main(argv: list[str] | None = None) -> int:
 
     med_bare = statistics.median(r["bare"]["chips_per_s"] for r in rounds)
     med_ray = statistics.median(r["ray"]["chips_per_s"] for r in rounds)
+    med_loader = statistics.median(r["loader"]["chips_per_s"] for r in rounds)
     summary = {"bare_chips_per_s_median": round(med_bare, 2), "ray_chips_per_s_median": round(med_ray, 2),
                "ratio_of_medians": round(med_ray / med_bare, 3),
                "ratios": [r["ratio"] for r in rounds],
+               # the same step fed by a plain torch DataLoader (one worker process streaming the
+               # pipeline's functions): what any concurrent input path costs on these cores
+               "loader_chips_per_s_median": round(med_loader, 2),
+               "loader_over_bare": round(med_loader / med_bare, 3),
+               "ray_over_loader": round(med_ray / med_loader, 3),
+               "ratios_vs_loader": [r["ratio_vs_loader"] for r in rounds],
                "ray_data_wait_fraction_median": statistics.median(r["ray"]["data_wait_fraction"] for r in rounds),
                "ray_data_wait_after_first_interval_median": statistics.median(
                    r["ray"]["after_first_interval"]["data_wait_fraction"] for r in rounds),

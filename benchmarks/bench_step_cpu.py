@@ -8,7 +8,7 @@ Baseline: a step with the structure of facebookresearch/ijepa's ``src/train.py``
 from timm ``Block``s (not the reference's code): attention written out (``q @ kᵀ``, softmax, ``@ v``),
 masks as lists of (B, K) index tensors gathered and concatenated along the batch
 (``apply_masks``), the context repeated once per target block through the predictor, targets
-repeated to match, smooth-L1 loss, AdamW, a per-weight gradient-norm log, and a per-parameter EMA
+repeated to match, smooth-L1 loss, AdamW with torch's defaults, a per-weight gradient-norm log, and a per-parameter EMA
 loop. It is fed the *same masks* as the project's step (the project's ~20–24 context and
 4 × 10–12 target tokens on the 8×8 grid) and the conditioned chips; its masks and inputs are made
 outside its timed region (the reference builds them in data-loader workers), the project's inside.
@@ -45,7 +45,7 @@ from sarjepa_dist.config import Config, DataConfig, GradientConfig, MaskConfig, 
 from sarjepa_dist.engine import build_method, make_inputs_on_device, train_step  # noqa: E402
 from sarjepa_dist.masks import MaskBatch, mask_generator  # noqa: E402
 from sarjepa_dist.model.encoder import encoder_timm_kwargs, sincos_pos_embed_2d  # noqa: E402
-from sarjepa_dist.optim import Schedules, build_optimizer  # noqa: E402
+from sarjepa_dist.optim import Schedules, build_optimizer, param_groups  # noqa: E402
 
 GOAL_RATIO = 0.8
 
@@ -163,7 +163,10 @@ class BaselineStep:
         self.predictor = BaselinePredictor(grid, self.encoder.vit.embed_dim, cfg.model.predictor_dim,
                                            cfg.model.predictor_depth, cfg.model.predictor_heads)
         trained = nn.ModuleDict({"encoder": self.encoder, "predictor": self.predictor})
-        self.optimizer = build_optimizer(trained, cfg.optim)
+        # The reference's AdamW: torch's defaults over the same groups (on CPU, torch's per-tensor
+        # loop; the project's build_optimizer uses the fused kernel).
+        self.optimizer = torch.optim.AdamW(param_groups(trained), lr=cfg.optim.start_lr,
+                                           betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
         self.schedules = Schedules(cfg.optim, 10_000)
 
     def __call__(self, imgs: torch.Tensor, masks_enc: list[torch.Tensor], masks_pred: list[torch.Tensor],

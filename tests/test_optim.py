@@ -88,3 +88,26 @@ def test_linear_lr_scaling_follows_the_global_batch():
     for step in (0, 5, 10, 50, 100):
         assert abs(scaled.lr(step) - plain.lr(step) * 0.25) < 1e-15
     assert abs(scaled.lr(10) - 2.5e-4) < 1e-12  # peak = 1e-3 x 64/256
+
+
+
+def test_optimizer_uses_the_fused_adamw_kernel_on_cpu_and_matches_the_default_one():
+    import copy
+
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 4))
+    twin = copy.deepcopy(model)
+    fused = build_optimizer(model, CFG)
+    assert fused.defaults["fused"] is True
+    default = torch.optim.AdamW(param_groups(twin), lr=CFG.start_lr, betas=tuple(CFG.betas),
+                                weight_decay=CFG.weight_decay)  # torch's default: the per-tensor loop on CPU
+    x = torch.randn(32, 8)
+    for _ in range(5):
+        for net, opt in ((model, fused), (twin, default)):
+            opt.zero_grad()
+            net(x).pow(2).mean().backward()
+            opt.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
