@@ -60,7 +60,8 @@ def make_config(data: str, runs: str, name: str, args: argparse.Namespace) -> An
 
     return config_from_dict({
         "ray": {"num_cpus": os.cpu_count()},
-        "data": {"path": data},  # defaults: 64 px, batch 32, device placement
+        # defaults: 64 px, batch 32, device placement
+        "data": {"path": data, **({} if args.shuffle_buffer is None else {"shuffle_buffer": args.shuffle_buffer})},
         "train": {"name": name, "storage_path": runs, "steps": args.steps, "log_every": args.log_every,
                   "checkpoint_every": args.steps, "num_workers": 1, "cpus_per_worker": args.threads},
     })
@@ -230,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch threads of the train step, both sides")
     p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--shuffle-buffer", type=int, default=None, help="data.shuffle_buffer (default: the config's)")
+    p.add_argument("--worker-niceness", type=int, default=None,
+                   help="RAY_worker_niceness for the local cluster (default: Ray's, 15 levels below the driver)")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
 
@@ -241,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     from sarjepa_dist.data.synth import SynthConfig, write_synthetic_dataset
 
     torch.set_num_threads(args.threads)
+    if args.worker_niceness is not None:
+        os.environ["RAY_worker_niceness"] = str(args.worker_niceness)
     rounds: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-ray-overhead-") as tmp:
         data = os.path.join(tmp, "chips")
