@@ -170,18 +170,18 @@ class _Trainer:
         # coordinator and first read tasks (seconds to start on a small machine) start while the
         # model is built. A resumed run starts its epoch in ``run``.
         self.trainer_shard = session.first_dataset()
+        checkpoint = session.restored_checkpoint()
         self.first_stream: EpochStream | None = None
-        if (self.trainer_shard is not None and self.info.trainer_dataset_epoch == 0
-                and session.restored_checkpoint() is None):
+        if self.trainer_shard is not None and self.info.trainer_dataset_epoch == 0 and checkpoint is None:
             self.first_stream = self._epoch_stream(0, self.trainer_shard)
         try:
-            self._set_up()
+            self._set_up(checkpoint)
         except BaseException:
             if self.first_stream is not None:
                 self.first_stream.close()
             raise
 
-    def _set_up(self) -> None:
+    def _set_up(self, checkpoint: Any) -> None:
         session = self.session
         self.coll = _Collectives(self.world)
         # Node of every rank: locality hints when this loop splits a later epoch's dataset.
@@ -192,7 +192,7 @@ class _Trainer:
         self.history: list[dict[str, Any]] = []
         self.resumed_from: int | None = None
         self.saved_bad_rows: dict[str, Any] | None = None  # the bad-row tally of the checkpoint resumed
-        self._restore(session.restored_checkpoint())
+        self._restore(checkpoint)
         # Per-rank RNG streams for anything outside the mask generator (e.g. drop-path).
         torch.manual_seed(self.cfg.train.seed * 1_000_003 + self.rank * 7919 + self.state.step)
         self.forward_net = self._wrap_model()
