@@ -28,25 +28,28 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import learning_curves as lc  # noqa: E402
 
-from sarjepa_dist.config import ProbeConfig, load_config, merge_tree  # noqa: E402
+from sarjepa_dist.config import ProbeConfig, load_config, merge_tree, to_plain  # noqa: E402
 from sarjepa_dist.data.synth import SynthConfig, generate  # noqa: E402
-from sarjepa_dist.engine import build_method  # noqa: E402
+from sarjepa_dist.demo import demo_config  # noqa: E402
+from sarjepa_dist.model.encoder import build_encoder  # noqa: E402
 from sarjepa_dist.fewshot.protocol import EncoderFeatures, paired_differences, run_protocol, summarise  # noqa: E402
 from sarjepa_dist.probe import build_probe_set, embed, stratified_rows  # noqa: E402
 from sarjepa_dist.transforms import augment_batch, center_resize, prepare_inputs  # noqa: E402
 
-# the demo's recipe (sarjepa_dist/demo.py), without the sweep
-DEMO = {"data": {"img_size": 32, "batch_size": 32, "augment": {"crop_scale": [0.8, 1.0]}},
-        "gradient": {"radii": [2, 4, 6, 8]}, "mask": {"min_keep": 4},
-        "model": {"encoder": "vit_tiny", "patch_size": 4, "depth": 4, "predictor_dim": 96, "predictor_depth": 2,
-                  "predictor_heads": 3, "context_domain": "gradient"},
-        "optim": {"lr": 1e-3, "warmup_fraction": 0.1}}
+RECIPE_SECTIONS = ("data", "gradient", "mask", "model", "optim")
+
+
+def demo_recipe() -> dict:
+    """The demo's recipe, taken from ``sarjepa_dist.demo.demo_config`` itself (without its sweep, its
+    storage and its few-shot report), so this benchmark cannot drift from the demo."""
+    tree = to_plain(demo_config("unused", "unused", "unused", quick=False))
+    return {section: tree[section] for section in RECIPE_SECTIONS}
 
 
 def supervised(cfg, chips: torch.Tensor, labels: np.ndarray, steps: int, key: str, seed: int):
     """The same encoder, mean-pooled tokens → a linear head, cross-entropy on every pool label."""
     torch.manual_seed(seed)
-    enc = build_method(cfg)[0].encoder
+    enc = build_encoder(cfg.model, cfg.data.img_size, cfg.data.channels)
     head = torch.nn.Linear(enc.embed_dim, int(labels.max()) + 1)
     opt = torch.optim.AdamW([*enc.parameters(), *head.parameters()], lr=5e-4, weight_decay=0.05)
     y = torch.from_numpy(labels)
@@ -76,7 +79,8 @@ def main() -> None:
     chips = torch.from_numpy(b.chips[keep].astype(np.float32))
     labels = b.labels[keep].astype(np.int64)
     vp, vt = stratified_rows(labels, None, 0.3, 1)
-    cfg = load_config(None, [], base=merge_tree(DEMO, {"train": {"steps": args.steps}}))
+    recipe = demo_recipe()
+    cfg = load_config(None, [], base=merge_tree(recipe, {"train": {"steps": args.steps}}))
     key = lc.eval_key(cfg)
     probe_cfg = ProbeConfig(every=args.steps, shots=10, episodes=5, test_fraction=0.3, max_per_class=None,
                             methods=["knn", "linear"], pooling="mean", seed=1)
@@ -103,7 +107,7 @@ def main() -> None:
                                                                round(100 * (p.get("half_width") or 0), 1)]
               for e in ("jepa", "supervised") for p in paired_differences(runs, e, "random-init")}
     out = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "steps": args.steps,
-           "recipe": DEMO, "split": "synthetic 32 px, 17° chips, validation pool/test 70/30 per class (seed 1)",
+           "recipe": recipe, "split": "synthetic 32 px, 17° chips, validation pool/test 70/30 per class (seed 1)",
            "seconds": {"jepa_train": round(jepa_s, 1), "supervised_train": round(sup_s, 1),
                        "total": round(time.time() - t0, 1)},
            "load_avg": os.getloadavg(), "accuracy_pct_mean_halfwidth": table, "paired_pct_mean_halfwidth": paired}
