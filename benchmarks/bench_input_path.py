@@ -218,9 +218,13 @@ def bare_parallel(pool: Any, config: str, overrides: list[str], epoch: int, core
             "chips_per_cpu_s": round(chips / cpu, 1) if cpu > 0 else None}
 
 
-def ray_round(cfg, grad, epoch: int, cores: int) -> dict[str, Any]:
-    """One epoch through ``iter_train_batches`` on the driver, as a one-worker training run consumes it."""
-    from sarjepa_dist.data.pipeline import build_dataset, dataset_tracker
+def ray_round(cfg, grad, epoch: int, cores: int, tracker: Any) -> dict[str, Any]:
+    """One epoch through ``iter_train_batches`` on the driver, as a one-worker training run consumes it.
+
+    ``tracker``: the bad-row tally every round reports to, made once for the whole benchmark as a
+    training run makes one for all its epochs (a fresh one per round would charge each epoch the
+    start of its actor's process, ~0.4 CPU-s here, which a run pays once)."""
+    from sarjepa_dist.data.pipeline import build_dataset
     from sarjepa_dist.train.batches import iter_train_batches
 
     quiet_ray_data()
@@ -228,8 +232,8 @@ def ray_round(cfg, grad, epoch: int, cores: int) -> dict[str, Any]:
     load0 = load()
     cpu0 = _tree_cpu()
     t0 = time.perf_counter()
-    ds = build_dataset(data, grad, need=("x", "gx"), training=True, epoch=epoch,
-                       run_name=f"bench-input-{uuid.uuid4().hex[:8]}")
+    seen0 = tracker.total_seen()
+    ds = build_dataset(data, grad, need=("x", "gx"), training=True, epoch=epoch, tracker=tracker)
     it = iter_train_batches(ds.iterator(), data, epoch=epoch, device="cpu", drop_last=True, shuffle=True)
     arrivals: list[tuple[float, int]] = []  # (time, chips so far) after each batch
     chips = 0
@@ -239,9 +243,7 @@ def ray_round(cfg, grad, epoch: int, cores: int) -> dict[str, Any]:
     total = time.perf_counter() - t0
     cpu_by_kind = _cpu_delta(cpu0, _tree_cpu())
     cpu = sum(cpu_by_kind.values())
-    tracker = dataset_tracker(ds)
-    seen, bad = tracker.total_seen(), tracker.counts()
-    tracker.kill()
+    seen, bad = tracker.total_seen() - seen0, tracker.counts()
     (ta, ca), (tb, cb) = arrivals[0], arrivals[-1]
     after_first = (cb - ca) / (tb - ta) if tb > ta else None
     out = {"chips": chips, "batches": len(arrivals), "wall_s": round(total, 3),
@@ -267,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override, e.g. data.batch_size=64")
     ap.add_argument("--data", default=None, help="a shard dataset to reuse (written there when missing)")
     ap.add_argument("--shard-mib", type=float, default=8.0)
+    ap.add_argument("--chip-codec", default="auto", choices=["auto", "zstd", "lz4"],
+                    help="Parquet codec of the chip column when the shards are written here (auto: the "
+                         "writer's own choice, shards.chip_compression; zstd: what it wrote before)")
     ap.add_argument("--num-cpus", type=int, default=2, help="logical CPUs of the local Ray cluster")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of each side")
     ap.add_argument("--sides", nargs="+", default=["bare", "ray"], choices=["bare", "ray"],
@@ -302,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": [],
     }
     try:
+        if args.chip_codec != "auto":  # an A/B of the codec: the writer's policy replaced for this run
+            shards.chip_compression = lambda dtype: args.chip_codec
         if not Path(data, shards.MANIFEST_NAME).exists():
             gen_s = write_archive(data, args.chips, args.size, seed=args.size, shard_mib=args.shard_mib)
             print(f"wrote {args.chips} chips of {args.size}² in {gen_s:.1f}s to {data}", flush=True)
@@ -319,7 +326,10 @@ def main(argv: list[str] | None = None) -> int:
         if pool is not None:  # start the processes and import torch there, outside any timing
             bare_parallel(pool, args.config, overrides, 1000, cores)
         # warm-up outside the timing: Ray Data workers started, torch imported in them
-        ray_round(cfg, grad, epoch=1000, cores=cores)
+        from sarjepa_dist.data.badrows import BadRowTracker
+
+        tracker = BadRowTracker(f"bench-input-{uuid.uuid4().hex[:8]}")  # the run's tally, as in training
+        ray_round(cfg, grad, epoch=1000, cores=cores, tracker=tracker)
         torch.set_num_threads(1)
         bare_process(cfg, grad, epoch=1000)
         for r in range(args.rounds):
@@ -336,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{row['bare_parallel']['chips_per_s']:8.1f} ({row['bare_parallel']['chips_per_cpu_s']} per CPU-s)",
                       flush=True)
             if "ray" in args.sides:
-                ry = row["ray"] = ray_round(cfg, grad, epoch, cores)
+                ry = row["ray"] = ray_round(cfg, grad, epoch, cores, tracker)
                 print(f"round {r + 1}: ray {ry['chips_per_s']:8.1f} chips/s overall ({ry['chips_per_s_per_core']}/core), "
                       f"{ry['chips_per_cpu_s']} per CPU-s; first batch "
                       f"{ry['first_batch_s']}s; load {ry['load_avg_start']}); CPU s by process "

@@ -103,6 +103,22 @@ def test_plain_pyarrow_numpy_and_pandas_read(tmp_path, dtype):
     assert man.shards[0].rows == 7
 
 
+@pytest.mark.parametrize("dtype, chip_codec", [("uint8", "ZSTD"), ("uint16", "ZSTD"), ("float32", "LZ4")])
+def test_chip_column_codec_follows_the_chip_dtype(tmp_path, dtype, chip_codec):
+    """Quantised chips compress well under zstd; float speckle barely does, so it is stored lz4
+    (cheaper to decode); every other column is zstd. The chips read back unchanged either way."""
+    root = str(tmp_path / "ds")
+    chips = _chips(9, dtype)
+    _write(root, chips, labelled=True)
+    meta = pq.ParquetFile(shard_uris(root)[0]).metadata
+    names = [meta.schema.column(i).path for i in range(meta.num_columns)]
+    codecs = {name: meta.row_group(0).column(i).compression for i, name in enumerate(names)}
+    assert codecs.pop("chip") == chip_codec
+    assert set(codecs.values()) == {"ZSTD"}
+    np.testing.assert_array_equal(load_arrays(root).chips, chips)
+    assert shards.chip_compression("float64") == "lz4" and shards.chip_compression("int16") == "zstd"
+
+
 def test_rewrite_swaps_version_and_removes_old(tmp_path):
     root = str(tmp_path / "ds")
     m1 = _write(root, _chips(5, "uint8"), True)

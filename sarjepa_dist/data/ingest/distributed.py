@@ -26,11 +26,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 from typing import Any, Callable, Iterator, TypeVar
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from sarjepa_dist import storage
 from sarjepa_dist.config import RayConfig
@@ -57,10 +55,7 @@ def _write_shard(root: str, rel: str, rows: dict[str, list], row_group_rows: int
                  storage_cfg: tuple[str | None, str | None]) -> shards.ShardInfo:
     storage.configure(*storage_cfg)
     table = pa.Table.from_pydict(rows, schema=shards.CHIP_SCHEMA)
-    sink = io.BytesIO()
-    pq.write_table(table, sink, row_group_size=row_group_rows, compression="zstd",
-                   use_dictionary=["chip_dtype", "class_name", "sensor"])
-    payload = sink.getvalue()
+    payload = shards.encode_shard(table, row_group_rows)
     storage.write_bytes(storage.join(root, rel), payload)
     return shards.ShardInfo(rel, table.num_rows, hashlib.sha256(payload).hexdigest(), len(payload))
 
