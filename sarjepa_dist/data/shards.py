@@ -118,9 +118,9 @@ def chip_compression(dtype: str) -> str:
 
 
 def encode_shard(table: pa.Table, row_group_rows: int) -> bytes:
-    """A ``CHIP_SCHEMA`` table → the bytes of one Parquet shard file."""
-    dtypes = set(table.column("chip_dtype").to_pylist()) if table.num_rows else {"uint8"}
-    chip_codec = chip_compression(dtypes.pop()) if len(dtypes) == 1 else "zstd"
+    """A non-empty ``CHIP_SCHEMA`` table (one chip dtype, as every dataset has) → the bytes of one
+    Parquet shard file."""
+    chip_codec = chip_compression(table.column("chip_dtype")[0].as_py())
     # per-column codecs are keyed by Parquet leaf path: a list column's leaf is "<name>.list.element"
     leaves = {f.name: f"{f.name}.list.element" if pa.types.is_list(f.type) else f.name for f in table.schema}
     sink = io.BytesIO()
