@@ -16,7 +16,8 @@ outside its timed region (the reference builds them in data-loader workers), the
 Timing: steps alternate project, baseline, baseline, project, … (ABBA), so machine load hits
 both alike; the ratio of each adjacent pair is recorded and the median (with p10–p90) reported.
 
-    python benchmarks/bench_step_cpu.py                      # the issue's configuration
+    python benchmarks/bench_step_cpu.py                      # the issue's configuration, default predictor context
+    python benchmarks/bench_step_cpu.py --predictor-context per-block --out benchmarks/results/step_cpu_per_block.json
     python benchmarks/bench_step_cpu.py --profile            # plus a torch.profiler table of one project step
 """
 
@@ -41,7 +42,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sarjepa_dist.config import Config, DataConfig, GradientConfig, MaskConfig, ModelConfig, OptimConfig  # noqa: E402
+from sarjepa_dist.config import PREDICTOR_CONTEXTS, Config, DataConfig, GradientConfig, MaskConfig, ModelConfig, OptimConfig  # noqa: E402
 from sarjepa_dist.engine import build_method, make_inputs_on_device, train_step  # noqa: E402
 from sarjepa_dist.masks import MaskBatch, mask_generator  # noqa: E402
 from sarjepa_dist.model.encoder import encoder_timm_kwargs, sincos_pos_embed_2d  # noqa: E402
@@ -53,8 +54,8 @@ GOAL_RATIO = 0.8
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", default="ema-gradient", choices=["ema-gradient", "ema-pixel"])
-    p.add_argument("--predictor-context", default="per-block", choices=["per-block", "shared"],
-                   help="model.predictor_context of the project's step (shared: a different method, cheaper)")
+    p.add_argument("--predictor-context", default=ModelConfig.predictor_context, choices=list(PREDICTOR_CONTEXTS),
+                   help="model.predictor_context of the project's step (default: the config's default)")
     p.add_argument("--encoder", default="vit_tiny")
     p.add_argument("--depth", type=int, default=12)
     p.add_argument("--img", type=int, default=64)

@@ -242,9 +242,10 @@ class ModelConfig:
     target_mode: str = "ema-gradient"  # TARGET_MODES
     context_domain: str = "raw"  # CONTEXT_DOMAINS: what the context encoder sees
     drop_path: float = 0.0
-    # per-block: the context is run through the predictor once per target block (I-JEPA);
-    # shared: once for all blocks, context tokens not attending to mask tokens (cheaper, a different method)
-    predictor_context: str = "per-block"  # PREDICTOR_CONTEXTS
+    # shared: the context runs through the predictor once for all target blocks, its tokens not
+    # attending to mask tokens (cheaper; level with per-block on MSTAR, README "Speed");
+    # per-block: once per target block, as I-JEPA does
+    predictor_context: str = "shared"  # PREDICTOR_CONTEXTS
 
     def validate(self, p: str = "model") -> None:
         check_choice(f"{p}.encoder", self.encoder, ENCODER_ARCHS)

@@ -107,7 +107,9 @@ class MaskedViT(nn.Module):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, N, D) patch tokens plus fixed positions, before any block."""
-        tokens = self.vit.patch_embed(x)
+        # timm's patch embedding returns a transposed view of the conv output; made contiguous once
+        # here, or every block's layer norms and linears copy their input (~5% of a full-grid pass)
+        tokens = self.vit.patch_embed(x).contiguous()
         return self.vit.pos_drop(tokens + self.vit.pos_embed)
 
     def forward(self, x: torch.Tensor, keep_idx: torch.Tensor | None = None) -> torch.Tensor:
