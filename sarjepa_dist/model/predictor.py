@@ -6,8 +6,8 @@ guesses at the target positions, projected back to the target width. As in I-JEP
 repeated once per target block (batch B*M), so target blocks never attend to one another and each
 block is predicted from the context alone.
 
-``shared_context=True`` (``model.predictor_context: shared``) changes the method, not only its
-cost: the context tokens attend only to one another, so they are computed once for all M blocks
+``shared_context=True`` (``model.predictor_context: shared``, the config's default; the class's
+default stays I-JEPA's) changes the method, not only its cost: the context tokens attend only to one another, so they are computed once for all M blocks
 (one sequence of Kc + M·Kt rows per sample under a block attention mask) instead of once per block;
 each block's mask tokens still attend to the context and to their own block only.
 
