@@ -143,6 +143,12 @@ def test_to_plain_handles_nested_containers():
         "a": [1, 2], "b": [{"flips": True, "vertical_flips": False, "rot90": False, "crop_scale": [0.6, 1.0]}]}
 
 
+def test_predictor_context_defaults_to_shared():
+    # the evidence: README, "Measured" (level with per-block on MSTAR, a cheaper step)
+    from sarjepa_dist.config import ModelConfig
+    assert ModelConfig().predictor_context == "shared"
+
+
 def test_predictor_context_choice_is_validated():
     from sarjepa_dist.config import ConfigError, ModelConfig
     ModelConfig(predictor_context="shared").validate()

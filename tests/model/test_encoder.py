@@ -34,6 +34,17 @@ def test_keep_all_equals_plain_timm_forward():
     torch.testing.assert_close(enc.vit(x), full.mean(1))
 
 
+def test_embedded_tokens_are_contiguous_so_blocks_do_not_copy_them():
+    # timm's patch embedding returns a transposed view; left so, the residual stream keeps that
+    # layout through every block and each layer norm / linear copies its input
+    enc = _enc()
+    x = torch.rand(2, CHANS, IMG, IMG)
+    assert not enc.vit.patch_embed(x).is_contiguous()
+    tokens = enc.embed(x)
+    assert tokens.is_contiguous()
+    assert enc.vit.blocks[0](tokens).is_contiguous()
+
+
 def test_subset_runs_blocks_on_gathered_tokens_only():
     enc = _enc()
     x = torch.rand(2, CHANS, IMG, IMG)

@@ -116,3 +116,8 @@ def test_loss_falls_on_fixed_batch(mode, domain):
     # patch-level gradient maps are far less predictable than smooth latents: a smaller drop
     ratio = 0.9 if mode == "gradient-features" else 0.5
     assert last < ratio * first, (mode, domain, losses[:3], losses[-3:])
+
+
+def test_predictor_context_setting_reaches_the_predictor():
+    assert tiny_model().predictor.shared_context  # the config's default
+    assert not tiny_model(predictor_context="per-block").predictor.shared_context
