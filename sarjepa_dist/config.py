@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import yaml
 
@@ -243,7 +243,7 @@ class ModelConfig:
     context_domain: str = "raw"  # CONTEXT_DOMAINS: what the context encoder sees
     drop_path: float = 0.0
     # shared: the context runs through the predictor once for all target blocks, its tokens not
-    # attending to mask tokens (cheaper; level with per-block on MSTAR, README "Speed");
+    # attending to mask tokens (cheaper; level with per-block on MSTAR: README, "Measured");
     # per-block: once per target block, as I-JEPA does
     predictor_context: str = "shared"  # PREDICTOR_CONTEXTS
 
@@ -265,6 +265,29 @@ class ModelConfig:
         check_choice(f"{p}.context_domain", self.context_domain, CONTEXT_DOMAINS)
         check_range(f"{p}.drop_path", self.drop_path, 0.0, 1.0, hi_open=True)
         check_choice(f"{p}.predictor_context", self.predictor_context, PREDICTOR_CONTEXTS)
+
+    def check_resumes(self, saved: Mapping[str, Any], where: str, p: str = "model") -> None:
+        """Refuse to continue a checkpoint whose ``model`` section (``saved``, from its config.json)
+        trained a different method: same-shaped weights would load without complaint. A key the
+        checkpoint lacks takes the value the project used before the key existed. ``drop_path``
+        (regularisation, not the method) may change."""
+        changed = []
+        for f in dataclasses.fields(self):
+            if f.name == "drop_path":
+                continue
+            here = getattr(self, f.name)
+            before = saved.get(f.name, _MODEL_KEYS_BEFORE_THEY_EXISTED.get(f.name, here))
+            if before != here:
+                changed.append((f"{p}.{f.name}", here, before))
+        if changed:
+            what = "; ".join(f"{key} = {here!r} here but {before!r} in the checkpoint" for key, here, before in changed)
+            sets = " ".join(f"--set {key}={'null' if before is None else before}" for key, _, before in changed)
+            raise ConfigError(f"cannot resume from {where}: {what}. To continue that run, set the checkpoint's "
+                              f"values ({sets}); to start another, give a new train.name")
+
+
+# What a checkpoint written before a model key existed trained with (ModelConfig.check_resumes).
+_MODEL_KEYS_BEFORE_THEY_EXISTED: dict[str, Any] = {"predictor_context": "per-block"}
 
 
 @dataclass

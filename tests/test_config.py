@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from sarjepa_dist.config import (
@@ -186,3 +188,25 @@ def test_with_absolute_paths_anchors_local_paths_to_this_directory_and_leaves_ur
     assert out.probe.data == "s3://bucket/probe" and out.train.storage_path == "runs"
     assert with_absolute_paths(cfg, ("train.storage_path",)).train.storage_path == str(tmp_path / "runs")
     assert with_absolute_paths(config_from_dict({})).probe.data is None
+
+
+def test_resume_refuses_a_checkpoint_of_another_method():
+    from sarjepa_dist.config import ConfigError, ModelConfig
+    cfg = ModelConfig()
+    cfg.check_resumes(dataclasses.asdict(cfg), where="ckpt")  # the same method: fine
+    cfg.check_resumes({**dataclasses.asdict(cfg), "drop_path": 0.2}, where="ckpt")  # regularisation may change
+    saved = {**dataclasses.asdict(cfg), "predictor_context": "per-block", "target_mode": "ema-pixel"}
+    with pytest.raises(ConfigError) as e:
+        cfg.check_resumes(saved, where="runs/x/checkpoint_4")
+    msg = str(e.value)
+    assert "runs/x/checkpoint_4" in msg
+    assert "model.predictor_context = 'shared' here but 'per-block' in the checkpoint" in msg
+    assert "--set model.predictor_context=per-block" in msg and "--set model.target_mode=ema-pixel" in msg
+
+
+def test_a_checkpoint_from_before_predictor_context_existed_trained_per_block():
+    from sarjepa_dist.config import ConfigError, ModelConfig
+    old = {k: v for k, v in dataclasses.asdict(ModelConfig()).items() if k != "predictor_context"}
+    ModelConfig(predictor_context="per-block").check_resumes(old, where="ckpt")
+    with pytest.raises(ConfigError, match="model.predictor_context"):
+        ModelConfig().check_resumes(old, where="ckpt")

@@ -235,3 +235,24 @@ def test_epochs_started_ahead_deliver_every_epoch_whole_and_in_order(train_ray, 
     for epoch in (0, 1):
         chips = [c for r in rows if r["epoch"] == epoch for c in r["chips"]]
         assert len(chips) == len(set(chips)) == 48, epoch
+
+
+def test_relaunch_with_another_predictor_context_is_refused_naming_the_setting(runs):
+    """A relaunch resumes from the run's checkpoint; the shared and per-block predictors have the
+    same weights, so only the saved config can tell that the method changed."""
+    import dataclasses
+
+    from sarjepa_dist.cli import expected_failure
+    from sarjepa_dist.config import ConfigError
+    from sarjepa_dist.train.runner import run_pretrain
+
+    cfg, first = runs["data"]
+    assert cfg.model.predictor_context == "shared"
+    other = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, predictor_context="per-block"),
+                                train=dataclasses.replace(cfg.train, steps=cfg.train.steps + 4))
+    with pytest.raises(Exception) as e:
+        run_pretrain(other)
+    failure = expected_failure(e.value)
+    assert isinstance(failure, ConfigError), e.value
+    assert "model.predictor_context = 'per-block' here but 'shared' in the checkpoint" in str(failure)
+    assert read_json(storage.join(first.latest_checkpoint_uri, "state.json"))["step"] == cfg.train.steps
