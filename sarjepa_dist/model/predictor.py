@@ -7,9 +7,10 @@ repeated once per target block (batch B*M), so target blocks never attend to one
 block is predicted from the context alone.
 
 ``shared_context=True`` (``model.predictor_context: shared``, the config's default; the class's
-default stays I-JEPA's) changes the method, not only its cost: the context tokens attend only to one another, so they are computed once for all M blocks
-(one sequence of Kc + M·Kt rows per sample under a block attention mask) instead of once per block;
-each block's mask tokens still attend to the context and to their own block only.
+default stays I-JEPA's) changes the method, not only its cost: the context tokens attend only to
+one another, so they are computed once for all M blocks (one sequence of Kc + M·Kt rows per sample
+under a block attention mask) instead of once per block; each block's mask tokens still attend to
+the context and to their own block only.
 
 Exact savings in both modes: the last block computes only the rows whose output is used (the
 target rows; see :mod:`sarjepa_dist.model.blocks`).
