@@ -34,6 +34,12 @@ What "per core" means (2-core machine; the consumer and Ray's daemons share thos
   benchmarks reported "steady". Not a production rate: Ray Data keeps producing into the object
   store while the shuffle buffer fills, so most of an epoch can be ready by the first batch.
 
+- ``steady`` (``--steady-chips``, on by default): each round also runs the Ray side over a second,
+  larger archive (36,000 chips); the extra chips over the extra CPU seconds (and wall seconds) of
+  that epoch against the ``--chips`` one is Ray's rate with an epoch's fixed costs (building the
+  dataset, starting the executor, filling the shuffle buffer, draining the last batches) taken out:
+  what a long epoch of a large archive runs at. The bare loops have no such fixed costs.
+
 Rounds are interleaved (bare, ray, bare, ray, ...); medians are reported, and the ratios are
 ``Ray / bare`` of the medians from the same run (goal: >= 0.5 against bare ``_process_batch``).
 
@@ -46,6 +52,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -218,7 +225,7 @@ def bare_parallel(pool: Any, config: str, overrides: list[str], epoch: int, core
             "chips_per_cpu_s": round(chips / cpu, 1) if cpu > 0 else None}
 
 
-def ray_round(cfg, grad, epoch: int, cores: int, tracker: Any) -> dict[str, Any]:
+def ray_round(cfg, grad, epoch: int, cores: int, tracker: Any, data_path: str | None = None) -> dict[str, Any]:
     """One epoch through ``iter_train_batches`` on the driver, as a one-worker training run consumes it.
 
     ``tracker``: the bad-row tally every round reports to, made once for the whole benchmark as a
@@ -228,7 +235,7 @@ def ray_round(cfg, grad, epoch: int, cores: int, tracker: Any) -> dict[str, Any]
     from sarjepa_dist.train.batches import iter_train_batches
 
     quiet_ray_data()
-    data = cfg.data
+    data = cfg.data if data_path is None else dataclasses.replace(cfg.data, path=data_path)
     load0 = load()
     cpu0 = _tree_cpu()
     t0 = time.perf_counter()
@@ -258,6 +265,18 @@ def ray_round(cfg, grad, epoch: int, cores: int, tracker: Any) -> dict[str, Any]
     return out
 
 
+def marginal(small: dict[str, Any], large: dict[str, Any]) -> dict[str, Any]:
+    """The steady rate: what the larger epoch's extra chips cost over the smaller one's, so that the
+    fixed costs of an epoch (building the dataset, starting the executor, filling the shuffle
+    buffer, the last batches' drain) cancel out."""
+    chips = large["chips"] - small["chips"]
+    cpu = large["tree_cpu_s"] - small["tree_cpu_s"]
+    wall = large["wall_s"] - small["wall_s"]
+    return {"chips": chips, "cpu_s": round(cpu, 3), "wall_s": round(wall, 3),
+            "chips_per_cpu_s": round(chips / cpu, 1) if cpu > 0 else None,
+            "chips_per_s": round(chips / wall, 1) if wall > 0 else None}
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -272,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chip-codec", default="auto", choices=["auto", "zstd", "lz4"],
                     help="Parquet codec of the chip column when the shards are written here (auto: the "
                          "writer's own choice, shards.chip_compression; zstd: what it wrote before)")
+    ap.add_argument("--steady-chips", type=int, default=36000,
+                    help="also run the Ray side on an archive of this many chips each round: the steady rate is "
+                         "the extra chips over the extra CPU seconds (0: off)")
     ap.add_argument("--num-cpus", type=int, default=2, help="logical CPUs of the local Ray cluster")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of each side")
     ap.add_argument("--sides", nargs="+", default=["bare", "ray"], choices=["bare", "ray"],
@@ -312,6 +334,15 @@ def main(argv: list[str] | None = None) -> int:
         if not Path(data, shards.MANIFEST_NAME).exists():
             gen_s = write_archive(data, args.chips, args.size, seed=args.size, shard_mib=args.shard_mib)
             print(f"wrote {args.chips} chips of {args.size}² in {gen_s:.1f}s to {data}", flush=True)
+        steady_data = None
+        if args.steady_chips:
+            if args.steady_chips <= args.chips:
+                raise SystemExit("--steady-chips must exceed --chips (or be 0)")
+            steady_data = str(Path(data).parent / f"{Path(data).name}-steady{args.steady_chips}")
+            if not Path(steady_data, shards.MANIFEST_NAME).exists():
+                gen_s = write_archive(steady_data, args.steady_chips, args.size, seed=args.size + 1,
+                                      shard_mib=args.shard_mib)
+                print(f"wrote {args.steady_chips} chips of {args.size}² in {gen_s:.1f}s to {steady_data}", flush=True)
         manifest = shards.read_manifest(data)
         results["params"]["shards"] = len(manifest.shards)
         results["params"]["chips_in_archive"] = sum(s.rows for s in manifest.shards)
@@ -351,6 +382,12 @@ def main(argv: list[str] | None = None) -> int:
                       f"{ry['chips_per_cpu_s']} per CPU-s; first batch "
                       f"{ry['first_batch_s']}s; load {ry['load_avg_start']}); CPU s by process "
                       f"{ry['tree_cpu_s_by_process']}", flush=True)
+                if steady_data is not None:
+                    big = row["ray_steady_archive"] = ray_round(cfg, grad, epoch, cores, tracker, data_path=steady_data)
+                    m = row["ray_marginal"] = marginal(ry, big)
+                    print(f"round {r + 1}: ray over {big['chips']} chips: {big['chips_per_cpu_s']} per CPU-s; "
+                          f"the extra {m['chips']} chips: {m['chips_per_cpu_s']} per CPU-s, "
+                          f"{m['chips_per_s']} chips/s; CPU s by process {big['tree_cpu_s_by_process']}", flush=True)
             results["rounds"].append(row)
     finally:
         if "pool" in locals() and pool is not None:
@@ -383,6 +420,16 @@ def main(argv: list[str] | None = None) -> int:
         summary[f"ratio_overall_vs_{base}"] = round(summary["ray_chips_per_s_per_core"] / summary[f"{base}_chips_per_s"], 3)
     summary["ratio_steady_vs_bare_parallel"] = round(summary["ray_chips_per_cpu_s"] / summary["bare_parallel_chips_per_cpu_s"], 3)
     summary["ratio_overall_vs_bare_parallel"] = round(summary["ray_chips_per_s"] / summary["bare_parallel_chips_per_s"], 3)
+    if all("ray_marginal" in x for x in rs):
+        summary["ray_marginal_chips_per_cpu_s"] = med(x["ray_marginal"]["chips_per_cpu_s"] for x in rs)
+        summary["ray_marginal_chips_per_s"] = med(x["ray_marginal"]["chips_per_s"] for x in rs)
+        summary["ray_steady_archive_chips_per_cpu_s"] = med(x["ray_steady_archive"]["chips_per_cpu_s"] for x in rs)
+        summary["ratio_marginal_vs_bare_process"] = round(
+            summary["ray_marginal_chips_per_cpu_s"] / summary["bare_process_chips_per_cpu_s"], 3)
+        summary["ratio_marginal_vs_bare_parallel"] = round(
+            summary["ray_marginal_chips_per_cpu_s"] / summary["bare_parallel_chips_per_cpu_s"], 3)
+        summary["ratio_marginal_wall_per_core_vs_bare_process"] = round(
+            summary["ray_marginal_chips_per_s"] / cores / summary["bare_process_chips_per_s"], 3)
     summary["goal"] = "ratio_steady_vs_bare_process >= 0.5 (Ray chips per CPU-second / bare _process_batch's)"
     summary["goal_met"] = summary["ratio_steady_vs_bare_process"] >= 0.5
     results["summary"] = summary
@@ -410,6 +457,12 @@ def main(argv: list[str] | None = None) -> int:
           f"vs bare read+validate+process {s['ratio_overall_vs_bare_task']:.3f}")
     print(f"  Ray vs the bare task in {cores} processes: {s['ratio_steady_vs_bare_parallel']:.3f} per CPU-s, "
           f"{s['ratio_overall_vs_bare_parallel']:.3f} wall")
+    if "ray_marginal_chips_per_cpu_s" in s:
+        print(f"  steady (marginal: the {args.steady_chips}-chip epoch less the {args.chips}-chip one): Ray "
+              f"{s['ray_marginal_chips_per_cpu_s']:8.1f} per CPU-s, {s['ray_marginal_chips_per_s']:8.1f} chips/s; "
+              f"ratio vs bare _process_batch {s['ratio_marginal_vs_bare_process']:.3f} per CPU-s, "
+              f"{s['ratio_marginal_wall_per_core_vs_bare_process']:.3f} wall per core; vs the bare task in "
+              f"{cores} processes {s['ratio_marginal_vs_bare_parallel']:.3f} per CPU-s")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2, default=str) + "\n")
