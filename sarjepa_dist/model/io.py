@@ -279,6 +279,15 @@ def _encoder_info(cfg: Config, timm_kwargs: dict[str, Any], weights: str, meta: 
     }
 
 
+def saved_config_section(checkpoint_dir: str | os.PathLike, section: str) -> dict[str, Any] | None:
+    """One section of the config a checkpoint was written with, as saved: keys the checkpoint lacks
+    stay absent (``config_from_dict`` would fill them with today's defaults). None: no config saved."""
+    path = Path(checkpoint_dir) / CONFIG_FILE
+    if not path.exists():
+        return None
+    return dict(_read_json(path).get(section) or {})
+
+
 def _checkpoint_parts(checkpoint_dir: Path) -> tuple[Config, dict[str, Any], dict[str, Any]]:
     """Config, meta and state of a checkpoint whose files passed the sha256 check."""
     meta = _read_json(checkpoint_dir / META_FILE) if (checkpoint_dir / META_FILE).exists() else {}

@@ -31,7 +31,7 @@ from sarjepa_dist.data.badrows import BadRowTracker
 from sarjepa_dist.engine import StepMetrics, build_method, make_inputs_on_device, train_step
 from sarjepa_dist.masks import MaskBatch, mask_generator
 from sarjepa_dist.model.collapse import collapse_stats
-from sarjepa_dist.model.io import CONFIG_FILE, load_checkpoint_dir, save_checkpoint_dir
+from sarjepa_dist.model.io import load_checkpoint_dir, save_checkpoint_dir, saved_config_section
 from sarjepa_dist.optim import Schedules, build_optimizer
 from sarjepa_dist.train.history import HISTORY_FILE
 from sarjepa_dist.train.batches import EpochStream, epoch_shard, iter_train_batches
@@ -509,7 +509,7 @@ class _Trainer:
             return
         with checkpoint.as_directory() as d:
             # before the weights: another method's weights can have the same shapes and load silently
-            saved_model = _saved_model_section(d)
+            saved_model = saved_config_section(d, "model")
             if saved_model is not None:
                 self.cfg.model.check_resumes(saved_model, where=f"checkpoint {checkpoint.path}")
             # RNG: not restored from rng.pt (that is rank 0's state); every rank reseeds from
@@ -538,15 +538,6 @@ class _Trainer:
             _progress.info("[sarjepa] resuming %s from checkpoint %s at step %d (epoch %d, %d batches into it)",
                            self.info.name, meta.get("checkpoint_id"), self.state.step, self.state.epoch,
                            self.state.batches_in_epoch)
-
-
-def _saved_model_section(checkpoint_dir: str) -> dict[str, Any] | None:
-    """The ``model`` section of the config a checkpoint was written with (None: it holds none)."""
-    path = os.path.join(checkpoint_dir, CONFIG_FILE)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return dict(json.load(f).get("model") or {})
 
 
 def train_loop_per_worker(loop_config: dict[str, Any], session: LoopSession | None = None) -> list[dict[str, Any]]:

@@ -290,3 +290,12 @@ def test_kill_during_checkpoint_write_leaves_the_previous_one_latest(tmp_path):
     fresh, _ = build_method(cfg)
     state, _ = mio.load_checkpoint_dir(choice.uri, fresh, build_optimizer(fresh, cfg.optim))
     assert state["step"] == 2
+
+
+def test_saved_config_section_keeps_what_the_checkpoint_lacks_absent(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    assert mio.saved_config_section(ckpt, "model") is None  # no config saved
+    (ckpt / mio.CONFIG_FILE).write_text(json.dumps({"model": {"depth": 2, "target_mode": "ema-pixel"}}))
+    assert mio.saved_config_section(ckpt, "model") == {"depth": 2, "target_mode": "ema-pixel"}
+    assert mio.saved_config_section(ckpt, "optim") == {}
