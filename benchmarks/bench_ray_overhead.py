@@ -25,6 +25,13 @@ pipeline start. The train step runs on ``--threads`` torch threads on both sides
   first batch request, as on the Ray side): what any input path running beside the step costs on
   these cores, so that Ray's own share is the Ray side over this one.
 
+Every side trains in a fresh process, as a run does: Ray's in its new Train worker, the bare and the
+DataLoader-fed loops each in a new Python process started for the round (``--bare-process same``
+runs them in this benchmark's process instead, the earlier design: from the second round on,
+its step had already run hundreds of times there, while Ray's worker always starts cold, so the
+first steps' slower kernels and allocations were charged to Ray alone). Process start-up and
+imports are outside the clock on every side.
+
 Rounds alternate the sides (bare, DataLoader-fed, Ray, bare, ...); the ratio is Ray's whole-run chips/s over
 the bare loop's, per round and of the medians. To say where Ray's share goes, the Ray side is also
 given after its first interval (the run's very first pipeline start left out; later epochs start
@@ -191,6 +198,43 @@ def run_bare(cfg: Any, batches: list[dict[str, Any]] | None) -> dict[str, Any]:
             "final_loss": float(loss) if loss is not None else None}
 
 
+def _side_in_child(cfg_dict: dict[str, Any], fed_by_loader: bool, threads: int, results: Any) -> None:
+    """A loop side in a fresh process (the target of a spawned ``multiprocessing.Process``)."""
+    import torch
+
+    from sarjepa_dist.config import config_from_dict
+
+    torch.set_num_threads(threads)
+    cfg = config_from_dict(cfg_dict)
+    try:
+        batches = None if fed_by_loader else bare_batches(cfg, cfg.train.steps)
+        results.put(run_bare(cfg, batches))
+    except BaseException as exc:  # reported by the parent, which has no other way to see it
+        results.put({"error": f"{type(exc).__name__}: {exc}"})
+        raise
+
+
+def run_loop_side(cfg: Any, *, fed_by_loader: bool, threads: int, fresh_process: bool) -> dict[str, Any]:
+    """The bare (``fed_by_loader=False``) or DataLoader-fed loop, in a new process or in this one."""
+    import multiprocessing as mp
+
+    if not fresh_process:
+        return run_bare(cfg, None if fed_by_loader else bare_batches(cfg, cfg.train.steps))
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    child = ctx.Process(target=_side_in_child, args=(cfg.to_dict(), fed_by_loader, threads, results),
+                        name="bench-loop-side")
+    child.start()
+    try:
+        out = results.get()
+    finally:
+        child.join()
+    if "error" in out:
+        raise RuntimeError(f"the {'DataLoader-fed' if fed_by_loader else 'bare'} loop failed in its process: "
+                           f"{out['error']}")
+    return out
+
+
 def run_ray(cfg: Any) -> dict[str, Any]:
     from sarjepa_dist.train.runner import run_pretrain
 
@@ -234,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shuffle-buffer", type=int, default=None, help="data.shuffle_buffer (default: the config's)")
     p.add_argument("--worker-niceness", type=int, default=None,
                    help="RAY_worker_niceness for the local cluster (default: Ray's, 15 levels below the driver)")
+    p.add_argument("--bare-process", choices=("fresh", "same"), default="fresh",
+                   help="where the bare and DataLoader-fed loops run: a new process per round (as Ray's "
+                        "worker is), or this benchmark's process (the earlier design)")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
 
@@ -257,10 +304,9 @@ def main(argv: list[str] | None = None) -> int:
         with ray_session(RayConfig(num_cpus=os.cpu_count())):
             for r in range(args.rounds):
                 cfg = make_config(data, os.path.join(tmp, "runs"), f"overhead-{r}", args)
-                batches = bare_batches(cfg, args.steps)
-                bare = run_bare(cfg, batches)
-                del batches
-                loader = run_bare(cfg, None)
+                fresh = args.bare_process == "fresh"
+                bare = run_loop_side(cfg, fed_by_loader=False, threads=args.threads, fresh_process=fresh)
+                loader = run_loop_side(cfg, fed_by_loader=True, threads=args.threads, fresh_process=fresh)
                 on_ray = run_ray(cfg)
                 ratio = on_ray["chips_per_s"] / bare["chips_per_s"]
                 rounds.append({"bare": bare, "loader": loader, "ray": on_ray, "ratio": round(ratio, 3),
