@@ -20,7 +20,8 @@ from sarjepa_dist.config import DataConfig, GradientConfig
 from sarjepa_dist.data.badrows import BadDataError, BadRowTracker
 from sarjepa_dist.data.pipeline import build_dataset, local_shuffle_seed, split_for_consumers
 
-__all__ = ["BAD_CHECK_EVERY", "BAD_CHECK_MIN_SEEN", "EpochStream", "epoch_shard", "iter_train_batches"]
+__all__ = ["BAD_CHECK_EVERY", "BAD_CHECK_MIN_SEEN", "EpochStream", "epoch_shard", "epoch_stream",
+           "iter_train_batches"]
 
 BAD_CHECK_EVERY = 50  # batches between bad-fraction checks in iter_train_batches
 BAD_CHECK_MIN_SEEN = 1000  # rows seen before a mid-epoch check may stop the run
@@ -153,3 +154,9 @@ class EpochStream:
         close = getattr(self._batches, "close", None)
         if close is not None:
             close()
+
+
+def epoch_stream(shard: "ray.data.DataIterator", data_cfg: DataConfig, *, epoch: int, device: torch.device | str,
+                 rank: int) -> EpochStream:
+    """A rank's training batches of ``epoch`` from its ``shard``, the first one already on its way."""
+    return EpochStream(lambda: iter_train_batches(shard, data_cfg, epoch=epoch, device=device, rank=rank))

@@ -1,4 +1,5 @@
-"""The per-worker training loop that Ray Train runs on every rank (``train_loop_per_worker``).
+"""The per-worker training loop that Ray Train runs on every rank (entered by
+``entry.train_loop_per_worker``, which starts the first epoch's stream before importing this module).
 
 A thin shell around the pure-torch step (``engine.train_step``), in the shape of Ray Train's
 ``TorchTrainer`` examples: set up (model, optimiser, the checkpoint Ray hands back), then for each
@@ -34,11 +35,12 @@ from sarjepa_dist.model.collapse import collapse_stats
 from sarjepa_dist.model.io import load_checkpoint_dir, save_checkpoint_dir, saved_config_section
 from sarjepa_dist.optim import Schedules, build_optimizer
 from sarjepa_dist.train.history import HISTORY_FILE
-from sarjepa_dist.train.batches import EpochStream, epoch_shard, iter_train_batches
+from sarjepa_dist.train.batches import EpochStream, epoch_shard, epoch_stream
+from sarjepa_dist.train.entry import LoopStart, decode_step_hooks
 from sarjepa_dist.train.metrics import IntervalMeter, TensorBoardLogger, format_progress
-from sarjepa_dist.train.session import LoopSession, RayTrainSession
+from sarjepa_dist.train.session import LoopSession
 
-__all__ = ["RunInfo", "LoopState", "StepView", "StepHook", "train_loop_per_worker", "param_checksum"]
+__all__ = ["RunInfo", "LoopState", "StepView", "StepHook", "run_loop", "param_checksum"]
 
 _log = logging.getLogger(__name__)
 # The console progress line. A logger, not print(): Train V2 tees print() into both stdout and the
@@ -158,24 +160,21 @@ class _Collectives:
 class _Trainer:
     """One rank's training: ``__init__`` sets up, ``run`` is the loop."""
 
-    def __init__(self, loop_config: dict[str, Any], session: LoopSession):
-        self.cfg: Config = config_from_dict(loop_config["config"])
-        self.info = RunInfo(**loop_config["run"])
-        self.hooks: list[StepHook] = list(loop_config.get("step_hooks") or ())
-        storage.configure(self.cfg.storage.endpoint_url, self.cfg.storage.region)
-        self.session = session
-        self.rank, self.world, self.device = session.rank, session.world_size, session.device
-        self.total = self.cfg.train.steps
-        # A fresh run starts in the trainer's dataset: its stream starts now, so that Ray Data's
-        # coordinator and first read tasks (seconds to start on a small machine) start while the
-        # model is built. A resumed run starts its epoch in ``run``.
-        self.trainer_shard = session.first_dataset()
-        checkpoint = session.restored_checkpoint()
-        self.first_stream: EpochStream | None = None
-        if self.trainer_shard is not None and self.info.trainer_dataset_epoch == 0 and checkpoint is None:
-            self.first_stream = self._epoch_stream(0, self.trainer_shard)
+    def __init__(self, loop_config: dict[str, Any], session: LoopSession, start: LoopStart):
+        # ``start`` (entry.start_loop) asked for the dataset and started a fresh run's first epoch
+        # before this module was imported, so that Ray Data's coordinator and first read tasks
+        # (seconds to start on a small machine) start while the model is built. A resumed run
+        # starts its epoch in ``run``.
+        self.first_stream: EpochStream | None = start.first_stream
         try:
-            self._set_up(checkpoint)
+            self.cfg: Config = config_from_dict(loop_config["config"])
+            self.info = RunInfo(**loop_config["run"])
+            self.hooks: list[StepHook] = decode_step_hooks(loop_config.get("step_hooks"))
+            self.session = session
+            self.rank, self.world, self.device = session.rank, session.world_size, session.device
+            self.total = self.cfg.train.steps
+            self.trainer_shard = start.trainer_shard
+            self._set_up(start.checkpoint)
         except BaseException:
             if self.first_stream is not None:
                 self.first_stream.close()
@@ -273,9 +272,8 @@ class _Trainer:
 
     def _epoch_stream(self, epoch: int, trainer_shard: Any) -> EpochStream:
         """This rank's batches of ``epoch``, the first one already on its way."""
-        shard = self._epoch_shard(epoch, trainer_shard)
-        return EpochStream(lambda: iter_train_batches(shard, self.cfg.data, epoch=epoch, device=self.device,
-                                                      rank=self.rank))
+        return epoch_stream(self._epoch_shard(epoch, trainer_shard), self.cfg.data, epoch=epoch, device=self.device,
+                            rank=self.rank)
 
     def _run_outlasts_epoch(self) -> bool:
         """Whether steps remain after this epoch, by the dataset's chip count (unknown: no)."""
@@ -540,11 +538,7 @@ class _Trainer:
                            self.state.batches_in_epoch)
 
 
-def train_loop_per_worker(loop_config: dict[str, Any], session: LoopSession | None = None) -> list[dict[str, Any]]:
-    """Ray Train entry point. Returns rank 0's metrics history (Ray puts it in ``Result.return_value``).
-
-    ``loop_config``: ``config`` (a Config as a dict), ``run`` (a RunInfo as a dict) and, optionally,
-    ``step_hooks`` (a list of :data:`StepHook`). ``session``: where the loop runs; None: a Ray
-    Train worker.
-    """
-    return _Trainer(loop_config, session if session is not None else RayTrainSession()).run()
+def run_loop(loop_config: dict[str, Any], session: LoopSession, start: LoopStart) -> list[dict[str, Any]]:
+    """One rank's training from what ``entry.start_loop`` began (the entry point is
+    ``entry.train_loop_per_worker``). Returns rank 0's metrics history."""
+    return _Trainer(loop_config, session, start).run()

@@ -2,7 +2,7 @@
 
 The driver does four things and no training: connect to Ray, read the dataset manifest (its id is
 the lineage every checkpoint carries), build the Ray Data pipeline, and hand both to a
-``TorchTrainer`` whose workers run :func:`sarjepa_dist.train.loop.train_loop_per_worker`.
+``TorchTrainer`` whose workers run :func:`sarjepa_dist.train.entry.ray_train_fn`.
 
 Resume and restarts are Ray Train's, configured here:
 
@@ -47,11 +47,12 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from sarjepa_dist import storage
 from sarjepa_dist.config import Config, ConfigError, with_absolute_paths
-from sarjepa_dist.cluster import quiet_train_worker_console, ray_init, ray_train_log_level, worker_env
+from sarjepa_dist.cluster import ray_init, ray_train_log_level, worker_env
 from sarjepa_dist.data.pipeline import build_dataset, ingest_options, warm_read_workers
 from sarjepa_dist.data.shards import read_manifest
 from sarjepa_dist.model.jepa import required_inputs
-from sarjepa_dist.train.loop import RunInfo, StepHook, train_loop_per_worker
+from sarjepa_dist.train.entry import encode_step_hooks, ray_train_fn
+from sarjepa_dist.train.loop import RunInfo, StepHook
 from sarjepa_dist.train.probe_hook import OnlineProbe, check_probe_data
 
 __all__ = ["PreparedRun", "PretrainResult", "prepare_run", "run_pretrain", "run_uri"]
@@ -93,7 +94,7 @@ def run_pretrain(cfg: Config, *, callbacks: Sequence[Any] | None = None,
     uri = info.run_uri
     warm_read_workers(cfg.train.num_workers * cfg.train.cpus_per_worker, env_vars=_train_controller_env())
     trainer = TorchTrainer(
-        _train_fn,
+        ray_train_fn,
         train_loop_config=run.loop_config(),
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
         scaling_config=_scaling_config(cfg, resources_per_worker, placement_strategy),
@@ -128,7 +129,8 @@ class PreparedRun:
     step_hooks: list[StepHook]
 
     def loop_config(self) -> dict[str, Any]:
-        return {"config": self.cfg.to_dict(), "run": asdict(self.info), "step_hooks": list(self.step_hooks)}
+        return {"config": self.cfg.to_dict(), "run": asdict(self.info),
+                "step_hooks": encode_step_hooks(self.step_hooks)}
 
 
 def prepare_run(cfg: Config, step_hooks: Sequence[StepHook] = (), *, run_uri_override: str | None = None) -> PreparedRun:
@@ -169,12 +171,6 @@ def _train_controller_env() -> dict[str, str]:
     env = get_env_vars_to_propagate()
     env.setdefault(RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR, DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE)
     return env
-
-
-def _train_fn(loop_config: dict[str, Any]) -> list[dict[str, Any]]:
-    """What each worker runs: the loop, with Ray Train's per-report metrics dump off unless -v."""
-    quiet_train_worker_console()
-    return train_loop_per_worker(loop_config)
 
 
 def _scaling_config(cfg: Config, resources_per_worker: dict[str, float] | None,

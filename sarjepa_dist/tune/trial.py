@@ -27,7 +27,8 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from sarjepa_dist import storage
 from sarjepa_dist.cluster import SECRET_ENV_VARS
 from sarjepa_dist.config import Config, config_from_dict
-from sarjepa_dist.train.loop import StepHook, train_loop_per_worker
+from sarjepa_dist.train.entry import train_loop_per_worker
+from sarjepa_dist.train.loop import StepHook
 from sarjepa_dist.train.runner import prepare_run, run_pretrain
 from sarjepa_dist.tune.space import apply_point, point_of
 
