@@ -126,6 +126,14 @@ def _tree_cpu() -> dict[int, tuple[str, float]]:
     return out
 
 
+def _new_processes(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, Any]:
+    """Processes started between two ``_tree_cpu`` readings: how many of each kind, and their CPU s
+    (a new worker's start, imports included, is charged to the epoch that started it)."""
+    new = [(kind, cpu) for pid, (kind, cpu) in after.items() if pid not in before]
+    return {"count": dict(sorted({k: sum(1 for kk, _ in new if kk == k) for k, _ in new}.items())),
+            "cpu_s": round(sum(cpu for _, cpu in new), 2)}
+
+
 def _cpu_delta(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
     """CPU seconds per process kind between two ``_tree_cpu`` readings (new processes count whole)."""
     by_kind: dict[str, float] = {}
@@ -249,7 +257,8 @@ def ray_round(cfg, grad, epoch: int, cores: int, tracker: Any, data_path: str | 
         chips += int(batch["amplitude"].shape[0])
         arrivals.append((time.perf_counter(), chips))
     total = time.perf_counter() - t0
-    cpu_by_kind = _cpu_delta(cpu0, _tree_cpu())
+    cpu1 = _tree_cpu()
+    cpu_by_kind = _cpu_delta(cpu0, cpu1)
     cpu = sum(cpu_by_kind.values())
     seen, bad = tracker.total_seen() - seen0, tracker.counts()
     (ta, ca), (tb, cb) = arrivals[0], arrivals[-1]
@@ -260,6 +269,7 @@ def ray_round(cfg, grad, epoch: int, cores: int, tracker: Any, data_path: str | 
            "chips_per_s_per_core": round(chips / total / cores, 1),
            "after_first_batch_chips_per_s": round(after_first, 1) if after_first else None,
            "tree_cpu_s": round(cpu, 2), "tree_cpu_s_by_process": cpu_by_kind,
+           "new_processes": _new_processes(cpu0, cpu1),
            "chips_per_cpu_s": round(chips / cpu, 1) if cpu > 0 else None,
            "load_avg_start": load0, "load_avg_end": load()}
     out["tracker_rows_seen"], out["tracker_bad_rows"] = seen, bad
@@ -382,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"round {r + 1}: ray {ry['chips_per_s']:8.1f} chips/s overall ({ry['chips_per_s_per_core']}/core), "
                       f"{ry['chips_per_cpu_s']} per CPU-s; first batch "
                       f"{ry['first_batch_s']}s; load {ry['load_avg_start']}); CPU s by process "
-                      f"{ry['tree_cpu_s_by_process']}", flush=True)
+                      f"{ry['tree_cpu_s_by_process']}; new processes {ry['new_processes']}", flush=True)
                 if steady_data is not None:
                     big = row["ray_steady_archive"] = ray_round(cfg, grad, epoch, cores, tracker, data_path=steady_data)
                     m = row["ray_marginal"] = marginal(ry, big)
