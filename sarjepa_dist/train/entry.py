@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 from sarjepa_dist import storage
 from sarjepa_dist.cluster import quiet_train_worker_console
-from sarjepa_dist.config import config_from_dict
+from sarjepa_dist.config import Config, config_from_dict
 from sarjepa_dist.train.batches import EpochStream, epoch_stream
 from sarjepa_dist.train.session import LoopSession, RayTrainSession
 
@@ -29,6 +29,7 @@ __all__ = ["LoopStart", "decode_step_hooks", "encode_step_hooks", "ray_train_fn"
 class LoopStart:
     """What a rank has asked for before the loop's module is imported."""
 
+    cfg: Config  # the run's validated config (``loop_config["config"]``)
     trainer_shard: Any  # this rank's DataIterator of the dataset the driver built (None: none)
     checkpoint: Any  # the checkpoint to resume from, or None
     first_stream: EpochStream | None  # a fresh run's first epoch, already on its way
@@ -56,7 +57,7 @@ def start_loop(loop_config: dict[str, Any], session: LoopSession) -> LoopStart:
     first = None
     if shard is not None and checkpoint is None and int(loop_config["run"].get("trainer_dataset_epoch", 0)) == 0:
         first = epoch_stream(shard, cfg.data, epoch=0, device=session.device, rank=session.rank)
-    return LoopStart(trainer_shard=shard, checkpoint=checkpoint, first_stream=first)
+    return LoopStart(cfg=cfg, trainer_shard=shard, checkpoint=checkpoint, first_stream=first)
 
 
 def train_loop_per_worker(loop_config: dict[str, Any], session: LoopSession | None = None) -> list[dict[str, Any]]:

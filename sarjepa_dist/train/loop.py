@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from sarjepa_dist import storage
-from sarjepa_dist.config import Config, config_from_dict
+from sarjepa_dist.config import Config
 from sarjepa_dist.data.badrows import BadRowTracker
 from sarjepa_dist.engine import StepMetrics, build_method, make_inputs_on_device, train_step
 from sarjepa_dist.masks import MaskBatch, mask_generator
@@ -167,7 +167,7 @@ class _Trainer:
         # starts its epoch in ``run``.
         self.first_stream: EpochStream | None = start.first_stream
         try:
-            self.cfg: Config = config_from_dict(loop_config["config"])
+            self.cfg: Config = start.cfg
             self.info = RunInfo(**loop_config["run"])
             self.hooks: list[StepHook] = decode_step_hooks(loop_config.get("step_hooks"))
             self.session = session

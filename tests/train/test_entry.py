@@ -69,6 +69,7 @@ def test_a_fresh_run_starts_its_first_epoch_before_the_loop():
     shard = _FakeShard()
     start = start_loop(_loop_config(), _FakeSession(shard))
     assert start.trainer_shard is shard and start.checkpoint is None
+    assert start.cfg.data.batch_size == 2 and start.cfg.data.shuffle_buffer == 4
     assert start.first_stream is not None
     assert shard.started.wait(30), "the first epoch's stream did not start"
     assert shard.kwargs["batch_size"] == 2 and shard.kwargs["local_shuffle_buffer_size"] == 4
