@@ -299,9 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override, e.g. data.batch_size=64")
     ap.add_argument("--data", default=None, help="a shard dataset to reuse (written there when missing)")
     ap.add_argument("--shard-mib", type=float, default=8.0)
-    ap.add_argument("--chip-codec", default="auto", choices=["auto", "zstd", "lz4"],
+    ap.add_argument("--chip-codec", default="auto", choices=["auto", "zstd", "lz4", "none"],
                     help="Parquet codec of the chip column when the shards are written here (auto: the "
-                         "writer's own choice, shards.chip_compression; zstd: what it wrote before)")
+                         "writer's own choice, shards.chip_compression; zstd, lz4: what it wrote before)")
     ap.add_argument("--steady-chips", type=int, default=36000,
                     help="also run the Ray side on an archive of this many chips each round: the steady rate is "
                          "the extra chips over the extra CPU seconds (0: off)")
@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         if args.chip_codec != "auto":  # an A/B of the codec: the writer's policy replaced for this run
-            shards.chip_compression = lambda dtype: args.chip_codec
+            shards.chip_compression = lambda dtype, sample=None: args.chip_codec
         if not Path(data, shards.MANIFEST_NAME).exists():
             gen_s = write_archive(data, args.chips, args.size, seed=args.size, shard_mib=args.shard_mib)
             print(f"wrote {args.chips} chips of {args.size}² in {gen_s:.1f}s to {data}", flush=True)

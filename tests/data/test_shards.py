@@ -103,12 +103,22 @@ def test_plain_pyarrow_numpy_and_pandas_read(tmp_path, dtype):
     assert man.shards[0].rows == 7
 
 
-@pytest.mark.parametrize("dtype, chip_codec", [("uint8", "ZSTD"), ("uint16", "ZSTD"), ("float32", "LZ4")])
-def test_chip_column_codec_follows_the_chip_dtype(tmp_path, dtype, chip_codec):
-    """Quantised chips compress well under zstd; float speckle barely does, so it is stored lz4
-    (cheaper to decode); every other column is zstd. The chips read back unchanged either way."""
+def _masked(chips: np.ndarray) -> np.ndarray:
+    """Float chips with a no-data border (zeros), as masked or padded products have."""
+    out = np.zeros_like(chips)
+    out[..., 4:12, 4:12] = chips[..., 4:12, 4:12]
+    return out
+
+
+@pytest.mark.parametrize("dtype, masked, chip_codec", [
+    ("uint8", False, "ZSTD"), ("uint16", False, "ZSTD"), ("float32", False, "UNCOMPRESSED"),
+    ("float32", True, "LZ4")])
+def test_chip_column_codec_follows_the_chip_dtype(tmp_path, dtype, masked, chip_codec):
+    """Quantised chips compress well under zstd; float speckle does not compress under lz4, so it is
+    stored uncompressed (cheapest to read), and float chips lz4 does shrink keep lz4; every other
+    column is zstd. The chips read back unchanged either way."""
     root = str(tmp_path / "ds")
-    chips = _chips(9, dtype)
+    chips = _masked(_chips(9, dtype)) if masked else _chips(9, dtype)
     _write(root, chips, labelled=True)
     meta = pq.ParquetFile(shard_uris(root)[0]).metadata
     names = [meta.schema.column(i).path for i in range(meta.num_columns)]
@@ -117,6 +127,10 @@ def test_chip_column_codec_follows_the_chip_dtype(tmp_path, dtype, chip_codec):
     assert set(codecs.values()) == {"ZSTD"}
     np.testing.assert_array_equal(load_arrays(root).chips, chips)
     assert shards.chip_compression("float64") == "lz4" and shards.chip_compression("int16") == "zstd"
+    speckle = _chips(64, "float32").tobytes()
+    assert shards.chip_compression("float32", speckle) == "none"
+    assert shards.chip_compression("float32", _masked(_chips(64, "float32")).tobytes()) == "lz4"
+    assert shards.chip_compression("uint8", speckle) == "zstd"
 
 
 def test_rewrite_swaps_version_and_removes_old(tmp_path):
