@@ -7,7 +7,9 @@ The figure (issue "An input path that can feed a GPU node"): training mode, devi
 
 - bare, ``process``: ``pipeline._process_batch`` over the shards' rows, ``UDF_BATCH_ROWS`` at a
   time, one thread, no Ray (the shards are read and validated before the clock starts). This is
-  the baseline the issue defines (its "3,591 chips/s").
+  the baseline the issue defines (its "3,591 chips/s"). It and the bare ``task`` loop run in a
+  plain spawned process of the benchmark's pool, where Ray was never imported (``--bare-in
+  driver``: in this process, also Ray's driver, as before session 30).
 - bare, ``task``: what one Ray Data task does, in a plain loop: ``_read_one_shard`` (Parquet read
   + validation, no tracker) then ``_process_in_pieces``, shard after shard, one thread.
 - bare, ``task`` in ``cores`` processes: the same loop in that many plain processes at once (no
@@ -222,6 +224,22 @@ def _bare_task_part(args: tuple[str, str, list[str], int, int, int]) -> tuple[in
     return chips, time.process_time() - c0
 
 
+def _bare_loops_in_child(args: tuple[str, str, list[str], int]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Worker of ``--bare-in pool``: ``bare_process`` then ``bare_task`` in a plain process without Ray."""
+    root_path, config, overrides, epoch = args
+    import torch
+
+    torch.set_num_threads(1)
+    sys.path.insert(0, root_path)
+    from sarjepa_dist.config import load_config as _load
+
+    cfg = _load(config, overrides=overrides)
+    process, task = bare_process(cfg, cfg.gradient, epoch), bare_task(cfg, cfg.gradient, epoch)
+    for out in (process, task):
+        out["in"] = "pool process" + (" (ray imported)" if "ray" in sys.modules else " (ray never imported)")
+    return process, task
+
+
 def bare_parallel(pool: Any, config: str, overrides: list[str], epoch: int, cores: int) -> dict[str, Any]:
     """The bare task loop in ``cores`` plain processes at once (no Ray), shards dealt round-robin:
     what the machine's cores give together, the best a pipeline on them could do."""
@@ -305,6 +323,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steady-chips", type=int, default=36000,
                     help="also run the Ray side on an archive of this many chips each round: the steady rate is "
                          "the extra chips over the extra CPU seconds (0: off)")
+    ap.add_argument("--bare-in", choices=["pool", "driver"], default="pool",
+                    help="where the one-thread bare loops run: pool = a plain process of the benchmark's pool, "
+                         "without Ray (default); driver = this process, which is also Ray's driver (the design "
+                         "before session 30: there the read + process loop ran 3-8%% slower than in a plain Ray task)")
     ap.add_argument("--num-cpus", type=int, default=2, help="logical CPUs of the local Ray cluster")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of each side")
     ap.add_argument("--sides", nargs="+", default=["bare", "ray"], choices=["bare", "ray"],
@@ -373,14 +395,21 @@ def main(argv: list[str] | None = None) -> int:
         tracker = BadRowTracker(f"bench-input-{uuid.uuid4().hex[:8]}")  # the run's tally, as in training
         ray_round(cfg, grad, epoch=1000, cores=cores, tracker=tracker)
         torch.set_num_threads(1)
-        bare_process(cfg, grad, epoch=1000)
+        if args.bare_in == "driver":
+            bare_process(cfg, grad, epoch=1000)
+        elif pool is not None:
+            pool.apply(_bare_loops_in_child, ((str(ROOT), args.config, overrides, 1000),))
         for r in range(args.rounds):
             epoch = r + 1
             row: dict[str, Any] = {"epoch": epoch}
             if "bare" in args.sides:
-                torch.set_num_threads(1)  # the bare loops: one thread
-                row["bare_process"] = bare_process(cfg, grad, epoch)
-                row["bare_task"] = bare_task(cfg, grad, epoch)
+                if args.bare_in == "driver":
+                    torch.set_num_threads(1)  # the bare loops: one thread
+                    row["bare_process"] = bare_process(cfg, grad, epoch)
+                    row["bare_task"] = bare_task(cfg, grad, epoch)
+                else:  # one thread, in a plain process of the pool (no Ray there)
+                    row["bare_process"], row["bare_task"] = pool.apply(
+                        _bare_loops_in_child, ((str(ROOT), args.config, overrides, epoch),))
                 torch.set_num_threads(threads)  # the consumer as the driver would run it
                 row["bare_parallel"] = bare_parallel(pool, args.config, overrides, epoch, cores)
                 print(f"round {r + 1}: bare _process_batch {row['bare_process']['chips_per_s']:8.1f} chips/s | "
