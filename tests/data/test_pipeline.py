@@ -30,7 +30,7 @@ from sarjepa_dist.data.badrows import BadDataError, BadRowTracker, BadRowWarning
 from sarjepa_dist.engine import make_inputs_on_device
 from sarjepa_dist.data.pipeline import (
     _binary_views, _process_batch, _read_one_shard, _Spec, _validate_rows, build_dataset, chip_seed,
-    dataset_tracker, file_shuffle_seed, shards_per_read_task, split_for_consumers, stable_seed, transform_chip,
+    dataset_tracker, file_shuffle_seed, pool_array, shards_per_read_task, split_for_consumers, stable_seed, transform_chip,
 )
 from sarjepa_dist.train.batches import iter_train_batches
 
@@ -186,6 +186,12 @@ def test_reader_counts_bad_rows_and_process_batch_transforms_the_rest(tmp_path):
     np.testing.assert_array_equal(
         one["amplitude"][0], transform_chip(good["m0"], cfg, training=True, epoch=0, chip_id="m0").numpy())
 
+    # the device batch is written into Arrow's memory pool (see pool_array), the same values
+    held = pa.total_allocated_bytes()
+    again = _process_batch(table, spec=spec)
+    assert pa.total_allocated_bytes() - held >= again["amplitude"].nbytes
+    np.testing.assert_array_equal(again["amplitude"], out["amplitude"])
+
     # an empty batch gives zero rows with the right trailing shapes, in both placements
     for placement, key, trailing in (("device", "amplitude", (1, 24, 24)), ("data", "gfeat", None)):
         spec2 = dataclasses.replace(spec, data_cfg=data_cfg(str(tmp_path / "ds"), transform_placement=placement))
@@ -193,6 +199,22 @@ def test_reader_counts_bad_rows_and_process_batch_transforms_the_rest(tmp_path):
         assert empty[key].shape[0] == 0 and len(empty["chip_id"]) == 0
         if trailing:
             assert empty[key].shape[1:] == trailing
+
+
+def test_pool_array_is_writable_aligned_and_freed_with_its_last_reference():
+    before = pa.total_allocated_bytes()
+    arr = pool_array((16, 1, 64, 64), np.float32)
+    assert arr.shape == (16, 1, 64, 64) and arr.dtype == np.float32
+    assert arr.flags.writeable and arr.ctypes.data % 64 == 0
+    assert pa.total_allocated_bytes() - before == arr.nbytes
+    view = torch.from_numpy(arr)
+    view.fill_(2.0)
+    assert float(arr.sum()) == 2.0 * arr.size
+    del arr
+    assert pa.total_allocated_bytes() - before == view.numel() * 4  # the tensor still holds it
+    del view
+    assert pa.total_allocated_bytes() == before
+    assert pool_array((0, 1, 8, 8), np.float32).shape == (0, 1, 8, 8)
 
 
 def _validate_row_by_row(table: pa.Table, expected: tuple[int, ...]) -> tuple[list[str], dict[str, int], list[tuple]]:
