@@ -192,6 +192,12 @@ def test_reader_counts_bad_rows_and_process_batch_transforms_the_rest(tmp_path):
     assert pa.total_allocated_bytes() - held >= again["amplitude"].nbytes
     np.testing.assert_array_equal(again["amplitude"], out["amplitude"])
 
+    data_spec = dataclasses.replace(spec, data_cfg=data_cfg(str(tmp_path / "ds"), transform_placement="data"))
+    held = pa.total_allocated_bytes()
+    feats = _process_batch(table, spec=data_spec)
+    assert pa.total_allocated_bytes() - held >= sum(feats[k].nbytes for k in NEED)
+    assert all(feats[k].dtype == np.float32 and feats[k].shape[0] == GOOD_IN_BAD_SHARD for k in NEED)
+
     # an empty batch gives zero rows with the right trailing shapes, in both placements
     for placement, key, trailing in (("device", "amplitude", (1, 24, 24)), ("data", "gfeat", None)):
         spec2 = dataclasses.replace(spec, data_cfg=data_cfg(str(tmp_path / "ds"), transform_placement=placement))
