@@ -186,17 +186,13 @@ def test_reader_counts_bad_rows_and_process_batch_transforms_the_rest(tmp_path):
     np.testing.assert_array_equal(
         one["amplitude"][0], transform_chip(good["m0"], cfg, training=True, epoch=0, chip_id="m0").numpy())
 
-    # the device batch is written into Arrow's memory pool (see pool_array), the same values
-    held = pa.total_allocated_bytes()
-    again = _process_batch(table, spec=spec)
-    assert pa.total_allocated_bytes() - held >= again["amplitude"].nbytes
-    np.testing.assert_array_equal(again["amplitude"], out["amplitude"])
-
+    # both placements hand Ray Data arrays held in Arrow's memory pool (see pool_array)
+    assert _arrow_owned(out["amplitude"])
     data_spec = dataclasses.replace(spec, data_cfg=data_cfg(str(tmp_path / "ds"), transform_placement="data"))
-    held = pa.total_allocated_bytes()
     feats = _process_batch(table, spec=data_spec)
-    assert pa.total_allocated_bytes() - held >= sum(feats[k].nbytes for k in NEED)
-    assert all(feats[k].dtype == np.float32 and feats[k].shape[0] == GOOD_IN_BAD_SHARD for k in NEED)
+    for k in NEED:
+        assert _arrow_owned(feats[k]), k
+        assert feats[k].dtype == np.float32 and feats[k].shape[0] == GOOD_IN_BAD_SHARD
 
     # an empty batch gives zero rows with the right trailing shapes, in both placements
     for placement, key, trailing in (("device", "amplitude", (1, 24, 24)), ("data", "gfeat", None)):
@@ -207,19 +203,21 @@ def test_reader_counts_bad_rows_and_process_batch_transforms_the_rest(tmp_path):
             assert empty[key].shape[1:] == trailing
 
 
-def test_pool_array_is_writable_aligned_and_freed_with_its_last_reference():
-    before = pa.total_allocated_bytes()
+def _arrow_owned(arr: np.ndarray) -> bool:
+    """Whether the memory under ``arr`` belongs to an Arrow buffer (Arrow's memory pool)."""
+    owner: Any = arr
+    while isinstance(owner, np.ndarray):
+        owner = owner.base
+    return isinstance(owner, pa.Buffer)
+
+
+def test_pool_array_is_an_arrow_owned_writable_aligned_array():
     arr = pool_array((16, 1, 64, 64), np.float32)
     assert arr.shape == (16, 1, 64, 64) and arr.dtype == np.float32
+    assert _arrow_owned(arr) and not _arrow_owned(np.zeros(3))
     assert arr.flags.writeable and arr.ctypes.data % 64 == 0
-    assert pa.total_allocated_bytes() - before == arr.nbytes
-    view = torch.from_numpy(arr)
-    view.fill_(2.0)
+    torch.from_numpy(arr).fill_(2.0)  # torch writes straight into it (stack(out=...), copy_)
     assert float(arr.sum()) == 2.0 * arr.size
-    del arr
-    assert pa.total_allocated_bytes() - before == view.numel() * 4  # the tensor still holds it
-    del view
-    assert pa.total_allocated_bytes() == before
     assert pool_array((0, 1, 8, 8), np.float32).shape == (0, 1, 8, 8)
 
 
