@@ -38,7 +38,7 @@ may depend on it:
   different one each epoch;
 - the file order is a permutation seeded by (seed, epoch): the epoch, not Ray's execution
   counter, picks the order;
-- the local shuffle buffer is seeded by (seed, epoch, rank).
+- the consumer's shuffle buffer (``data/shuffle.py``) is seeded by (seed, epoch, rank).
 
 So a run with a given seed sees the same set of chips per epoch with the same augmented values
 per chip; the exact order of chips within a rank is only reproducible as far as Ray's scheduling

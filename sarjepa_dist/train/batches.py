@@ -19,6 +19,7 @@ import torch.distributed as dist
 from sarjepa_dist.config import DataConfig, GradientConfig
 from sarjepa_dist.data.badrows import BadDataError, BadRowTracker
 from sarjepa_dist.data.pipeline import build_dataset, local_shuffle_seed, split_for_consumers
+from sarjepa_dist.data.shuffle import shuffled_batches, table_pieces
 
 __all__ = ["BAD_CHECK_EVERY", "BAD_CHECK_MIN_SEEN", "EpochStream", "epoch_shard", "epoch_stream",
            "iter_train_batches"]
@@ -80,8 +81,9 @@ def iter_train_batches(dataset_shard: "ray.data.DataIterator", data_cfg: DataCon
 
     Batches hold exactly ``data_cfg.batch_size`` rows: the last partial batch is dropped
     (``drop_last=True``) so that, with ``split_for_consumers(..., equal=True)``, every rank takes
-    the same number of steps. ``shuffle`` uses a local buffer of ``data_cfg.shuffle_buffer`` rows
-    seeded by (seed, epoch, rank); ``rank`` defaults to the Ray Train world rank (0 outside Train).
+    the same number of steps. ``shuffle`` passes the rows through a local buffer of
+    ``data_cfg.shuffle_buffer`` rows (``data.shuffle.ShuffleBuffer``) seeded by (seed, epoch,
+    rank); ``rank`` defaults to the Ray Train world rank (0 outside Train).
     For evaluation pass ``drop_last=False, shuffle=False`` over an ``equal=False`` split.
 
     With ``tracker``, bad rows met so far are turned into ``BadRowWarning``s and the bad fraction
@@ -90,13 +92,17 @@ def iter_train_batches(dataset_shard: "ray.data.DataIterator", data_cfg: DataCon
     ``data_cfg.max_bad_fraction``.
     """
     rank = _train_rank() if rank is None else rank
-    buffer = data_cfg.shuffle_buffer if shuffle and data_cfg.shuffle_buffer > 0 else None
-    batches = dataset_shard.iter_batches(
-        batch_size=data_cfg.batch_size, batch_format="numpy", drop_last=drop_last,
-        local_shuffle_buffer_size=buffer,
-        local_shuffle_seed=local_shuffle_seed(data_cfg.seed, epoch, rank) if buffer else None,
-        prefetch_batches=prefetch_batches,
-    )
+    if shuffle and data_cfg.shuffle_buffer > 0:
+        # Whole blocks as Arrow tables, shuffled here (``data/shuffle.py``: one copy a row, where
+        # Ray's local shuffle buffer makes two); ``prefetch_batches`` counts blocks here.
+        blocks = dataset_shard.iter_batches(batch_size=None, batch_format="pyarrow",
+                                            prefetch_batches=prefetch_batches)
+        batches: Iterable[dict[str, np.ndarray]] = shuffled_batches(
+            table_pieces(blocks), batch_size=data_cfg.batch_size, buffer_rows=data_cfg.shuffle_buffer,
+            seed=local_shuffle_seed(data_cfg.seed, epoch, rank), drop_last=drop_last)
+    else:
+        batches = dataset_shard.iter_batches(batch_size=data_cfg.batch_size, batch_format="numpy",
+                                             drop_last=drop_last, prefetch_batches=prefetch_batches)
     for i, batch in enumerate(batches):
         yield _to_torch(batch, device)
         if tracker is not None and (i + 1) % BAD_CHECK_EVERY == 0:

@@ -7,6 +7,7 @@ import sys
 import threading
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -22,7 +23,8 @@ def _keep_storage_settings(monkeypatch):
 
 
 class _FakeShard:
-    """A DataIterator stand-in: ``iter_batches`` yields two numpy batches and records the call."""
+    """A DataIterator stand-in: ``iter_batches`` yields two blocks as Arrow tables (what the
+    training iterator asks for: whole blocks, which it shuffles itself) and records the call."""
 
     def __init__(self) -> None:
         self.started = threading.Event()
@@ -32,8 +34,9 @@ class _FakeShard:
         self.kwargs = kwargs
         self.started.set()
         for i in range(2):
-            yield {"chip_id": np.array([f"c{i}a", f"c{i}b"], dtype=object), "label": np.array([0, 1]),
-                   "amplitude": np.full((2, 1, 8, 8), float(i), dtype=np.float32)}
+            chips = np.full((2, 1, 8, 8), float(i), dtype=np.float32)
+            yield pa.table({"chip_id": [f"c{i}a", f"c{i}b"], "label": pa.array([0, 1], pa.int64()),
+                            "amplitude": pa.FixedShapeTensorArray.from_numpy_ndarray(chips)})
 
 
 class _FakeSession:
@@ -72,10 +75,12 @@ def test_a_fresh_run_starts_its_first_epoch_before_the_loop():
     assert start.cfg.data.batch_size == 2 and start.cfg.data.shuffle_buffer == 4
     assert start.first_stream is not None
     assert shard.started.wait(30), "the first epoch's stream did not start"
-    assert shard.kwargs["batch_size"] == 2 and shard.kwargs["local_shuffle_buffer_size"] == 4
+    assert shard.kwargs["batch_size"] is None and shard.kwargs["batch_format"] == "pyarrow"
     batches = list(start.first_stream)
-    assert [b["chip_id"] for b in batches] == [["c0a", "c0b"], ["c1a", "c1b"]]
-    assert torch.equal(batches[1]["amplitude"], torch.ones(2, 1, 8, 8))
+    assert [len(b["chip_id"]) for b in batches] == [2, 2]
+    rows = {cid: b["amplitude"][j] for b in batches for j, cid in enumerate(b["chip_id"])}
+    assert sorted(rows) == ["c0a", "c0b", "c1a", "c1b"]
+    assert all(torch.equal(chip, torch.full((1, 8, 8), float(cid[1]))) for cid, chip in rows.items())
 
 
 def test_a_resumed_run_or_a_later_epoch_leaves_the_stream_to_the_loop():
