@@ -16,9 +16,14 @@ The figure (issue "An input path that can feed a GPU node"): training mode, devi
   Ray; shards dealt round-robin): what the machine's cores give together when nothing but the work
   runs, i.e. how far the cores themselves scale.
 - ray: ``build_dataset`` on a local ``ray.init(num_cpus=N)``, consumed by
-  ``train.batches.iter_train_batches`` (the train loop's iterator: Ray's ``iter_batches`` with the
-  seeded local shuffle buffer, ``drop_last``, then the loop's numpy → torch collation) on the
-  driver, as rank 0 of a one-worker run does. The epoch's dataset is built inside the timing.
+  ``train.batches.iter_train_batches`` (the train loop's iterator: Ray's blocks through the seeded
+  shuffle buffer of ``data/shuffle.py``, ``drop_last``, then the loop's numpy → torch collation) on
+  the driver, as rank 0 of a one-worker run does. The epoch's dataset is built inside the timing.
+  ``--consumer-cpus`` (default 1) logical CPUs are held for the whole session by an idle actor, as
+  a Ray Train worker holds its ``train.cpus_per_worker``: in a training run Ray Data's tasks get
+  the cluster's CPUs less the trainer's, so on 2 cores one task runs at a time beside the consumer.
+  ``--consumer-cpus 0`` is the design before session 32: two tasks at once on the 2 cores while
+  the consumer runs too (three busy processes on two cores, which a training run never schedules).
 
 What "per core" means (2-core machine; the consumer and Ray's daemons share those cores):
 
@@ -294,6 +299,25 @@ def ray_round(cfg, grad, epoch: int, cores: int, tracker: Any, data_path: str | 
     return out
 
 
+class _ConsumerCpus:
+    """Idle; exists to hold logical CPUs for the consumer, as a Ray Train worker holds its own."""
+
+    def ready(self) -> bool:
+        return True
+
+
+def hold_consumer_cpus(cpus: float) -> Any:
+    """An actor holding ``cpus`` logical CPUs for the session (None for 0), so that Ray Data's
+    tasks get the rest, as in a training run where the trainer holds ``train.cpus_per_worker``."""
+    import ray
+
+    if cpus <= 0:
+        return None
+    holder = ray.remote(num_cpus=cpus)(_ConsumerCpus).remote()
+    ray.get(holder.ready.remote())
+    return holder
+
+
 def marginal(small: dict[str, Any], large: dict[str, Any]) -> dict[str, Any]:
     """The steady rate: what the larger epoch's extra chips cost over the smaller one's, so that the
     fixed costs of an epoch (building the dataset, starting the executor, filling the shuffle
@@ -328,6 +352,9 @@ def main(argv: list[str] | None = None) -> int:
                          "without Ray (default); driver = this process, which is also Ray's driver (the design "
                          "before session 30: there the read + process loop ran 3-8%% slower than in a plain Ray task)")
     ap.add_argument("--num-cpus", type=int, default=2, help="logical CPUs of the local Ray cluster")
+    ap.add_argument("--consumer-cpus", type=float, default=1.0,
+                    help="logical CPUs held for the consumer, as a Train worker holds train.cpus_per_worker "
+                         "(Ray Data's tasks get the rest; 0: none held, the design before session 32)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of each side")
     ap.add_argument("--sides", nargs="+", default=["bare", "ray"], choices=["bare", "ray"],
                     help="what to run (both for the ratio; one side alone for profiling)")
@@ -382,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
 
         ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}})
+        consumer_cpus = hold_consumer_cpus(args.consumer_cpus)  # noqa: F841  (held while it lives)
         threads = torch.get_num_threads()
         import multiprocessing
 
@@ -478,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     s = summary
     print(f"\nmedians of {len(rs)} interleaved rounds; {results['params']['chips_in_archive']} chips of "
           f"{args.size}² → {cfg.data.img_size}², batch {cfg.data.batch_size}, shuffle buffer "
-          f"{cfg.data.shuffle_buffer}, Ray num_cpus={args.num_cpus}, cores = {cores}; load "
+          f"{cfg.data.shuffle_buffer}, Ray num_cpus={args.num_cpus} ({args.consumer_cpus:g} held for the consumer), cores = {cores}; load "
           f"{results['machine']['load_avg_start']} → {results['machine']['load_avg_end']}")
     print(f"  baseline  bare _process_batch, 1 thread : {s['bare_process_chips_per_s']:8.1f} chips/s, "
           f"{s['bare_process_chips_per_cpu_s']:8.1f} per CPU-s")

@@ -2,7 +2,8 @@
 GPU node": what keeps Ray per CPU-second under 0.5x the bare ``_process_batch``).
 
 On the archive and config of ``bench_input_path.py`` (12,000 float32 chips of 128², 8 MiB shards,
-``jobs/pretrain.yaml``'s data section, device placement, ``ray.init(num_cpus=2)``), each epoch
+``jobs/pretrain.yaml``'s data section, device placement, ``ray.init(num_cpus=2)`` with
+``--consumer-cpus`` (default 1) held for the consumer as in ``bench_input_path.py``), each epoch
 runs, interleaved:
 
 - ``bare_process``: ``_process_batch`` over pre-read blocks, one thread, this process (the baseline);
@@ -15,7 +16,8 @@ runs, interleaved:
   references (``iter_internal_ref_bundles``), never the data: Ray Data's executor and its workers;
 - ``pipeline``: ``build_dataset`` consumed by ``iter_train_batches`` as a training run's rank 0
   consumes it (``bench_input_path.ray_round``): the whole input path;
-- ``pipeline_no_shuffle``: the same without the consumer's local shuffle buffer: its share.
+- ``pipeline_no_shuffle``: the same with ``shuffle=False`` (Ray's own batching, no shuffle buffer):
+  the share of the consumer's shuffle buffer (``data/shuffle.py``) against Ray's plain batches.
 
 Every figure is CPU seconds of the processes concerned (the Ray side: this process and every
 descendant, from /proc, by kind) and their minor page faults, per chip. The summary gives
@@ -27,7 +29,7 @@ microseconds a chip for each part as the medians' differences:
     Ray Data in its workers  = pipeline_no_consumer workers - task_in_ray_put
     the executor (driver)    = pipeline_no_consumer driver
     the consumer (driver)    = pipeline driver - pipeline_no_consumer driver
-    its local shuffle        = pipeline driver - pipeline_no_shuffle driver
+    its shuffle buffer       = pipeline driver - pipeline_no_shuffle driver
 
 Usage::
 
@@ -55,7 +57,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_input_path import _tree_cpu, bare_process, bare_task, make_spec, ray_round, shard_paths  # noqa: E402
+from bench_input_path import (_tree_cpu, bare_process, bare_task, hold_consumer_cpus, make_spec,  # noqa: E402
+                              ray_round, shard_paths)
 from bench_pipeline import load, quiet_ray_data, write_archive  # noqa: E402
 
 from sarjepa_dist.config import load_config  # noqa: E402
@@ -159,7 +162,7 @@ def pipeline(cfg: Any, epoch: int, tracker: Any) -> dict[str, Any]:
 
 
 def pipeline_no_shuffle(cfg: Any, epoch: int, tracker: Any) -> dict[str, Any]:
-    """As ``pipeline``, the consumer without the local shuffle buffer."""
+    """As ``pipeline``, the consumer without the shuffle buffer (Ray's own batching)."""
     from sarjepa_dist.data.pipeline import build_dataset
     from sarjepa_dist.train.batches import iter_train_batches
 
@@ -178,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", default=str(ROOT / "jobs" / "pretrain.yaml"))
     ap.add_argument("--data", default=None, help="a shard dataset to reuse (written there when missing)")
     ap.add_argument("--epochs", type=int, default=3, help="interleaved rounds of every part")
+    ap.add_argument("--consumer-cpus", type=float, default=1.0,
+                    help="logical CPUs held for the consumer, as in bench_input_path.py (0: none)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "input_path_breakdown.json"))
     args = ap.parse_args(argv)
 
@@ -200,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}})
         quiet_ray_data()
+        consumer_cpus = hold_consumer_cpus(args.consumer_cpus)  # noqa: F841  (held while it lives)
         from sarjepa_dist.data.badrows import BadRowTracker
 
         tracker = BadRowTracker(f"bench-breakdown-{uuid.uuid4().hex[:8]}")
@@ -245,9 +251,9 @@ def main(argv: list[str] | None = None) -> int:
         "Ray Data in its workers (pipeline_no_consumer workers - task_in_ray_put)":
             diff(("pipeline_no_consumer", "ray-worker"), ("task_in_ray_put",)),
         "the executor and dataset build (driver, no consumer)": us("pipeline_no_consumer", "driver"),
-        "the consumer: local shuffle, batches, collation (driver)":
+        "the consumer: shuffle buffer, batches, collation (driver)":
             diff(("pipeline", "driver"), ("pipeline_no_consumer", "driver")),
-        "  of which the local shuffle buffer (pipeline - pipeline_no_shuffle, driver)":
+        "  of which the shuffle buffer against Ray's plain batching (pipeline - pipeline_no_shuffle, driver)":
             diff(("pipeline", "driver"), ("pipeline_no_shuffle", "driver")),
         "Ray's daemons (raylet, GCS, monitors) in the pipeline":
             med(us_row(r, "pipeline", None, but=("ray-worker", "driver")) for r in rows),
