@@ -7,11 +7,12 @@ again. Here every row is copied once, from the block it arrived in (a zero-copy 
 store) straight into its batch; blocks are dropped when their last buffered row has left.
 (README, "Measured": the input path.)
 
-The buffer is the classic streaming shuffle buffer: it fills to ``buffer_rows`` rows, then each
-incoming row takes the slot of a uniformly chosen buffered row, which goes out. At the end the
-buffered rows leave in a random order. A row's position moves by about ``buffer_rows`` at most in
-expectation, as with Ray's buffer of that size; the order depends only on ``seed`` and the order
-of the incoming rows.
+The buffer is the classic streaming shuffle buffer (as in ``tf.data``'s ``shuffle``): it fills to
+``buffer_rows`` rows, then each incoming row takes the slot of a uniformly chosen buffered row,
+which goes out. At the end the buffered rows leave in a random order. A row waits a geometric
+number of arrivals, ``buffer_rows`` on average, so rows mix over about that many neighbours, as
+with Ray's buffer of that size; the order depends only on ``seed`` and the order of the incoming
+rows.
 
 Pure numpy and pyarrow: no Ray here (the caller passes Ray's blocks as Arrow tables).
 """
