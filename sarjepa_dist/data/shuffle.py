@@ -24,6 +24,8 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import pyarrow as pa
 
+from sarjepa_dist.data.pipeline import pool_array
+
 __all__ = ["COMPACT_BELOW", "HELD_ROWS_FACTOR", "ShuffleBuffer", "shuffled_batches", "table_pieces"]
 
 # Blocks stay alive while any of their rows is buffered, and under this buffer a block's last row
@@ -59,12 +61,6 @@ def table_pieces(tables: Iterable[pa.Table]) -> Iterator[Piece]:
                 yield {name: _column_to_numpy(col) for name, col in zip(batch.schema.names, batch.columns)}
 
 
-def _pool_array(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    from sarjepa_dist.data.pipeline import pool_array
-
-    return pool_array(shape, dtype)
-
-
 def _gather(pieces: dict[int, Piece], rows: list[tuple[int, int]]) -> Piece:
     """One new, writable array per column holding ``rows`` ((piece, row) pairs) in that order."""
     out: Piece = {}
@@ -73,7 +69,7 @@ def _gather(pieces: dict[int, Piece], rows: list[tuple[int, int]]) -> Piece:
         if column.dtype == object or column.ndim == 1:
             out[name] = np.array(values, dtype=column.dtype)
         else:  # tensors: one copy, into Arrow's memory pool (see pipeline.pool_array)
-            out[name] = _pool_array((len(values), *column.shape[1:]), column.dtype)
+            out[name] = pool_array((len(values), *column.shape[1:]), column.dtype)
             np.stack(values, out=out[name])
     return out
 
@@ -131,13 +127,6 @@ class ShuffleBuffer:
             self._release(rows)
             yield batch
 
-    def drop_rest(self) -> int:
-        """Forget the rows not yet batched (``drop_last``); how many there were."""
-        rows = self._out + self._slots
-        self._out, self._slots = [], []
-        self._release(rows)
-        return len(rows)
-
     @property
     def pieces_alive(self) -> int:
         return len(self._pieces)
@@ -181,5 +170,4 @@ def shuffled_batches(pieces: Iterable[Piece], *, batch_size: int, buffer_rows: i
         yield from buffer.batches()
     buffer.finish()
     yield from buffer.batches(partial=not drop_last)
-    buffer.drop_rest()
 
