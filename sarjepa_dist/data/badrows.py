@@ -147,6 +147,10 @@ class _BadRowCounter:
             self._examples.extend(examples[:room])
         return True
 
+    def report_many(self, reports: list[dict[str, Any]]) -> int:
+        """``report`` for each of ``reports`` (its keyword arguments); how many were new."""
+        return sum(self.report(**r) for r in reports)
+
     def _totals(self) -> tuple[dict[str, int], int]:
         counts, seen = dict(self._base_counts), self._base_seen
         for blocks in self._blocks.values():
@@ -258,6 +262,11 @@ class BadRowTracker:
         False returned); waits for the actor so counts never lag the delivered data."""
         return _ray().get(self._actor.report.remote(seen, bad, examples, key, epoch, quarantined))
 
+    def report_many(self, reports: list[dict[str, Any]]) -> int:
+        """Several tallies (``report``'s keyword arguments each) in one call to the actor; how
+        many were new."""
+        return _ray().get(self._actor.report_many.remote(reports)) if reports else 0
+
     def reset(self) -> None:
         _ray().get(self._actor.reset.remote())
 
@@ -326,3 +335,30 @@ class BadRowTracker:
     def kill(self) -> None:
         """End the actor (tests, or a driver that builds many runs); counts are lost."""
         _ray().kill(self._actor)
+
+
+class TaskTallies:
+    """The tallies of one Ray Data read task, kept in the task and sent to its ``BadRowTracker``
+    in one call (``flush``) when the task's reading ends.
+
+    Why not one call per block: a task that waits on ``ray.get`` gives its CPU back to Ray for the
+    wait, so Ray may start the next queued read task (in a freshly started worker process if
+    none is idle) beside it, which oversubscribes the node's CPUs; and each wait is a round trip
+    to the one actor every read task of a large cluster reports to. The task flushes before it
+    completes, so when an epoch's iteration ends every delivered row is counted; during the
+    epoch the counts lag the delivered rows by the tasks still reading. A retried task sends the
+    same keys again, which the actor ignores."""
+
+    def __init__(self, tracker: BadRowTracker):
+        self.tracker = tracker
+        self.pending: list[dict[str, Any]] = []
+
+    def report(self, seen: int, bad: dict[str, int], examples: list[dict[str, Any]], *, key: str | None = None,
+               epoch: int = 0, quarantined: dict[str, Any] | None = None) -> None:
+        self.pending.append({"seen": int(seen), "bad": dict(bad), "examples": list(examples), "key": key,
+                             "epoch": int(epoch), "quarantined": quarantined})
+
+    def flush(self) -> int:
+        """Send what is pending; how many of the tallies were new to the tracker."""
+        pending, self.pending = self.pending, []
+        return self.tracker.report_many(pending)

@@ -77,7 +77,7 @@ import pyarrow.parquet as pq
 from sarjepa_dist import storage
 from sarjepa_dist.config import ConfigError, DataConfig, GradientConfig
 from sarjepa_dist.data import shards
-from sarjepa_dist.data.badrows import BadDataError, BadRowTracker, BadRowWarning
+from sarjepa_dist.data.badrows import BadDataError, BadRowTracker, BadRowWarning, TaskTallies
 
 # ray and torch are imported where they are used: the processes that only unpickle a dataset
 # holding this module's functions (Ray Data's coordinators, the driver) never import torch.
@@ -300,15 +300,21 @@ def _validate_rows(table: pa.Table, spec: _Spec) -> tuple[pa.Table, dict[str, in
 def _read_shards(items: dict[str, np.ndarray], *, spec: _Spec, tracker: BadRowTracker | None) -> Iterator[pa.Table]:
     """Ray Data UDF over shard items (``path``, ``rows``): each shard's good rows, in blocks of
     ``READ_BLOCK_ROWS``. Every block's tally goes to ``tracker`` under the key (epoch, shard,
-    block index), which a retried task or a resumed run meets again unchanged."""
+    block index), which a retried task or a resumed run meets again unchanged. The task sends its
+    tallies in one call when its reading ends (``TaskTallies``: no waits on the actor meanwhile)."""
     # Built here from the task's own environment (endpoint, retry switches), not pickled in.
     filesystem, _ = storage.resolve(spec.shard_prefix or "/")
-    for path, rows in zip(items["path"], items["rows"]):
-        yield from _read_one_shard(str(path), int(rows), spec=spec, filesystem=filesystem, tracker=tracker)
+    tallies = TaskTallies(tracker) if tracker is not None else None
+    try:
+        for path, rows in zip(items["path"], items["rows"]):
+            yield from _read_one_shard(str(path), int(rows), spec=spec, filesystem=filesystem, tracker=tallies)
+    finally:
+        if tallies is not None:
+            tallies.flush()
 
 
 def _read_one_shard(path: str, rows: int, *, spec: _Spec, filesystem: pafs.FileSystem,
-                    tracker: BadRowTracker | None) -> Iterator[pa.Table]:
+                    tracker: BadRowTracker | TaskTallies | None) -> Iterator[pa.Table]:
     uri = f"{spec.shard_prefix}{path}"
     delivered = 0
     try:

@@ -13,8 +13,8 @@ import pytest
 from sarjepa_dist import storage
 from sarjepa_dist.config import DataConfig, GradientConfig
 from sarjepa_dist.data import shards
-from sarjepa_dist.data.badrows import BadDataError, _BadRowCounter, block_key
-from sarjepa_dist.data.pipeline import _read_one_shard, _Spec
+from sarjepa_dist.data.badrows import BadDataError, TaskTallies, _BadRowCounter, block_key
+from sarjepa_dist.data.pipeline import _read_one_shard, _read_shards, _Spec
 
 SHAPE = (1, 16, 16)
 ROWS_PER_SHARD = 40
@@ -78,6 +78,62 @@ def test_retried_reads_are_counted_once(dataset):
     assert snap["duplicates"] == 2  # both shards' blocks were re-reported and ignored
     _read(root, manifest, tally, epoch=1)  # another epoch is counted again
     assert tally.snapshot()["counts"] == {"nan_or_inf": 2} and tally.snapshot()["seen"] == 160
+
+
+class _CountingTracker:
+    """A tracker stand-in: the real tally behind it, and every call the read task makes to it."""
+
+    def __init__(self):
+        self.tally = _BadRowCounter()
+        self.calls: list[int] = []  # tallies per call
+
+    def report(self, *args, **kwargs):
+        raise AssertionError("a read task must not wait on the tracker for each block")
+
+    def report_many(self, reports):
+        self.calls.append(len(reports))
+        return self.tally.report_many(reports)
+
+
+def test_a_read_task_sends_its_tallies_once_when_its_reading_ends(dataset, monkeypatch):
+    from sarjepa_dist.data import pipeline
+
+    monkeypatch.setattr(pipeline, "READ_BLOCK_ROWS", 8)  # 5 blocks a shard, so 10 tallies in the task
+    root, manifest = dataset
+    tracker = _CountingTracker()
+    items = {"path": np.array([storage.join(root, s.path) for s in manifest.shards]),
+             "rows": np.array([s.rows for s in manifest.shards])}
+    blocks = _read_shards(items, spec=_spec(root), tracker=tracker)
+    ids = list(next(blocks).column("chip_id").to_pylist())
+    assert tracker.calls == []  # no wait on the actor while the task still reads
+    for block in blocks:
+        ids += block.column("chip_id").to_pylist()
+    assert tracker.calls == [10] and len(ids) == 79
+    assert tracker.tally.snapshot()["counts"] == {"nan_or_inf": 1} and tracker.tally.snapshot()["seen"] == 80
+
+    # a retried task sends the same keys: nothing counted twice
+    list(_read_shards(items, spec=_spec(root), tracker=tracker))
+    assert tracker.calls == [10, 10] and tracker.tally.snapshot()["seen"] == 80
+    assert tracker.tally.snapshot()["duplicates"] == 10
+
+    # a task that stops early (a downstream error closes its generator) still sends what it read
+    stopped = _read_shards(items, spec=_spec(root, epoch=1), tracker=tracker)
+    next(stopped)
+    stopped.close()
+    assert tracker.calls == [10, 10, 1] and tracker.tally.snapshot()["seen"] == 88
+
+
+def test_task_tallies_keep_what_a_report_says():
+    tracker = _CountingTracker()
+    tallies = TaskTallies(tracker)
+    quarantined = {"shard": "s", "reason": "unreadable", "detail": "d", "rows": 3, "epoch": 2}
+    tallies.report(8, {"nan_or_inf": 1}, [{"chip_id": "a"}], key="k1", epoch=2)
+    tallies.report(3, {"unreadable": 3}, [], key="k2", epoch=2, quarantined=quarantined)
+    assert tracker.calls == [] and tallies.flush() == 2 and tracker.calls == [2]
+    assert tallies.flush() == 0 and tracker.calls == [2, 0]  # nothing pending: nothing new
+    snap = tracker.tally.snapshot()
+    assert snap["counts"] == {"nan_or_inf": 1, "unreadable": 3} and snap["seen"] == 11
+    assert snap["quarantined"] == [quarantined] and snap["examples"] == [{"chip_id": "a"}]
 
 
 def test_tally_survives_a_resume_exactly(dataset):
