@@ -256,15 +256,10 @@ class BadRowTracker:
         return f"BadRowTracker(run_name={self.run_name!r})"
 
     # -- writing (Ray Data tasks)
-    def report(self, seen: int, bad: dict[str, int], examples: list[dict[str, Any]], *, key: str | None = None,
-               epoch: int = 0, quarantined: dict[str, Any] | None = None) -> bool:
-        """Record one batch's tally (``key``: see ``block_key``; a key seen before is ignored and
-        False returned); waits for the actor so counts never lag the delivered data."""
-        return _ray().get(self._actor.report.remote(seen, bad, examples, key, epoch, quarantined))
-
     def report_many(self, reports: list[dict[str, Any]]) -> int:
-        """Several tallies (``report``'s keyword arguments each) in one call to the actor; how
-        many were new."""
+        """Several tallies in one call to the actor, each the keyword arguments of
+        ``_BadRowCounter.report`` (``key``: see ``block_key``; a key seen before is ignored); how
+        many were new. Read tasks call it through ``TaskTallies``."""
         return _ray().get(self._actor.report_many.remote(reports)) if reports else 0
 
     def reset(self) -> None:

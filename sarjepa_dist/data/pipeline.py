@@ -314,7 +314,7 @@ def _read_shards(items: dict[str, np.ndarray], *, spec: _Spec, tracker: BadRowTr
 
 
 def _read_one_shard(path: str, rows: int, *, spec: _Spec, filesystem: pafs.FileSystem,
-                    tracker: BadRowTracker | TaskTallies | None) -> Iterator[pa.Table]:
+                    tracker: TaskTallies | None) -> Iterator[pa.Table]:
     uri = f"{spec.shard_prefix}{path}"
     delivered = 0
     try:
